@@ -1,0 +1,1 @@
+"""Shapes testbed data: procedural generator (`shapes`) and Grain / TFDS pipelines (`sources`)."""
