@@ -167,10 +167,18 @@ _CLIP_TEXT_PREFIX = "text_model."
 _CLIP_TEXT_IGNORE = (r"(text_model\.)?embeddings\.position_ids",)  # non-parameter buffer
 
 
+_CLIP_TEXT_ABSTRACT: dict[tuple[Any, bool], Params] = {}  # traced once per (config, projection)
+
+
 def _clip_text_abstract(config: Any, with_projection: bool) -> Params:
     from flash_jax.models import text
 
-    return jax.eval_shape(lambda: text.init_params(config, jax.random.key(0), with_projection))
+    key = (config, with_projection)
+    if key not in _CLIP_TEXT_ABSTRACT:
+        _CLIP_TEXT_ABSTRACT[key] = jax.eval_shape(
+            lambda: text.init_params(config, jax.random.key(0), with_projection)
+        )
+    return _CLIP_TEXT_ABSTRACT[key]
 
 
 def clip_text_from_transformers(
@@ -255,3 +263,168 @@ def clip_text_from_pretrained(folder: str | Path, **overrides: Any) -> tuple[Any
 
 
 # ========================================== end CLIP text ========================================
+
+
+# =================================================================================================
+# diffusers UNet2DConditionModel and AutoencoderKL.
+# Names are mechanical (flax modules carry the diffusers names). Two checkpoint variations are
+# adapted on import: 1x1-conv vs Linear layouts of the same weight (SD1 `proj_in`/`proj_out` are
+# convs, SD2/SDXL Linear; old VAE attention weights may be 1x1 convs), and the pre-0.14 diffusers
+# VAE attention names `query/key/value/proj_attn`.
+
+_VAE_OLD_ATTENTION = re.compile(r"(mid_block\.attentions\.\d+\.)(query|key|value|proj_attn)\.")
+_VAE_NEW_ATTENTION = {"query": "to_q.", "key": "to_k.", "value": "to_v.", "proj_attn": "to_out.0."}
+_UNET_LINEAR = re.compile(r"^(time_embedding|add_embedding)\.linear\.(\d)\.")
+
+
+def _unet_rename(name: str) -> str:
+    """`time_embedding.linear.1.weight` (mechanical) -> `time_embedding.linear_1.weight`."""
+    return _UNET_LINEAR.sub(r"\1.linear_\2.", name)
+
+
+_DIFFUSERS_ABSTRACT: dict[tuple[str, Any], Params] = {}  # tracing a full-size UNet takes seconds
+
+
+def _diffusers_abstract(kind: str, config: Any) -> Params:
+    """Shapes and dtypes of the params of `config`'s model (cached per config)."""
+    if (kind, config) not in _DIFFUSERS_ABSTRACT:
+        if kind == "unet":
+            from flash_jax.models import unet as module
+        else:
+            from flash_jax.models import autoencoder as module
+        _DIFFUSERS_ABSTRACT[kind, config] = jax.eval_shape(
+            lambda: module.init_params(config, jax.random.key(0))
+        )
+    return _DIFFUSERS_ABSTRACT[kind, config]
+
+
+def _match_1x1_layouts(
+    state_dict: Mapping[str, np.ndarray], abstract: Params, rename: Rename = lambda n: n
+) -> StateDict:
+    """Reshapes `(O, I, 1, 1)` conv weights where the model has a Linear and vice versa."""
+    out = dict(state_dict)
+    for path, target in _flatten(abstract).items():
+        if path[-1] != "kernel":
+            continue
+        name = rename(flax_path_to_torch_name(path))
+        if name not in out:
+            continue
+        value = np.asarray(out[name])
+        if len(target.shape) == 2 and value.ndim == 4 and value.shape[2:] == (1, 1):
+            out[name] = value.reshape(value.shape[:2])
+        elif len(target.shape) == 4 and target.shape[:2] == (1, 1) and value.ndim == 2:
+            out[name] = value.reshape(*value.shape, 1, 1)
+    return out
+
+
+def _check_params_match(params: Params, abstract: Params, what: str) -> None:
+    expected, got = _flatten(abstract), _flatten(params)
+    problems = [
+        f"missing {'/'.join(p)} shape {tuple(v.shape)}" for p, v in expected.items() if p not in got
+    ]
+    problems += [
+        f"unexpected {'/'.join(p)} shape {np.shape(v)}" for p, v in got.items() if p not in expected
+    ]
+    problems += [
+        f"shape mismatch for {'/'.join(p)}: params {np.shape(got[p])} vs config {tuple(v.shape)}"
+        for p, v in expected.items()
+        if p in got and tuple(np.shape(got[p])) != tuple(v.shape)
+    ]
+    if problems:
+        raise WeightsError(f"{what} params do not match config:\n  " + "\n  ".join(problems))
+
+
+def _pretrained_folder(folder: str | Path, subfolder: str) -> Path:
+    folder = Path(folder)
+    if not (folder / "config.json").is_file() and (folder / subfolder / "config.json").is_file():
+        return folder / subfolder  # a whole pipeline folder
+    return folder
+
+
+def unet_from_diffusers(state_dict: Mapping[str, np.ndarray], config: Any) -> Params:
+    """flash-jax `UNet` params from a diffusers `UNet2DConditionModel` state dict.
+
+    Args:
+      state_dict: `{name: array}` as `UNet2DConditionModel.state_dict()` / safetensors name and
+        lay them out (NCHW-era: Linear `(out, in)`, Conv2d `(out, in, kh, kw)`). `proj_in` /
+        `proj_out` may be 1x1 convs or Linears whatever `config.use_linear_projection` says.
+      config: `flash_jax.models.unet.UNetConfig`; its `param_dtype` is the params' dtype.
+
+    Returns:
+      Params (plain nested dicts of numpy arrays) for `UNet(config)`.
+
+    Raises:
+      WeightsError: naming every missing, unexpected or mis-shaped tensor and both shapes.
+    """
+    abstract = _diffusers_abstract("unet", config)
+    return params_from_torch(
+        _match_1x1_layouts(state_dict, abstract, _unet_rename),
+        abstract,
+        rename=_unet_rename,
+        what="UNet2DConditionModel",
+    )
+
+
+def unet_to_diffusers(params: Params, config: Any) -> StateDict:
+    """diffusers `UNet2DConditionModel` state dict (numpy, torch layouts) from flash-jax params;
+    loads with `strict=True` into `UNet2DConditionModel(**config.to_diffusers())`.
+
+    Raises:
+      WeightsError: if `params` does not match `config` (names the param and both shapes).
+    """
+    _check_params_match(params, _diffusers_abstract("unet", config), "UNet")
+    return params_to_torch(params, rename=_unet_rename)
+
+
+def autoencoder_from_diffusers(state_dict: Mapping[str, np.ndarray], config: Any) -> Params:
+    """flash-jax `AutoencoderKL` params from a diffusers `AutoencoderKL` state dict.
+
+    Accepts the current names and the old mid-block attention names (`query`, `key`, `value`,
+    `proj_attn`), with Linear or 1x1-conv layouts.
+
+    Raises:
+      WeightsError: naming every missing, unexpected or mis-shaped tensor and both shapes.
+    """
+    renamed = {
+        _VAE_OLD_ATTENTION.sub(lambda m: m.group(1) + _VAE_NEW_ATTENTION[m.group(2)], name): value
+        for name, value in state_dict.items()
+    }
+    if len(renamed) != len(state_dict):
+        raise WeightsError("AutoencoderKL: state dict has both old and new attention names")
+    abstract = _diffusers_abstract("autoencoder", config)
+    return params_from_torch(_match_1x1_layouts(renamed, abstract), abstract, what="AutoencoderKL")
+
+
+def autoencoder_to_diffusers(params: Params, config: Any) -> StateDict:
+    """diffusers `AutoencoderKL` state dict (current names, torch layouts) from flash-jax params;
+    loads with `strict=True` into `AutoencoderKL(**config.to_diffusers())`.
+
+    Raises:
+      WeightsError: if `params` does not match `config` (names the param and both shapes).
+    """
+    _check_params_match(params, _diffusers_abstract("autoencoder", config), "AutoencoderKL")
+    return params_to_torch(params)
+
+
+def unet_from_pretrained(folder: str | Path, **overrides: Any) -> tuple[Any, Params]:
+    """`(UNetConfig, params)` from a diffusers UNet folder (`config.json` + `*.safetensors`), or a
+    pipeline folder holding `unet/`. `overrides` go to `UNetConfig.from_diffusers` (`dtype`,
+    `param_dtype`, `remat`, ...)."""
+    from flash_jax.models.unet import UNetConfig
+
+    config_dict, state_dict = load_safetensors_dir(_pretrained_folder(folder, "unet"))
+    config = UNetConfig.from_diffusers(config_dict, **overrides)
+    return config, unet_from_diffusers(state_dict, config)
+
+
+def autoencoder_from_pretrained(folder: str | Path, **overrides: Any) -> tuple[Any, Params]:
+    """`(AutoencoderConfig, params)` from a diffusers AutoencoderKL folder, or a pipeline folder
+    holding `vae/`. `overrides` go to `AutoencoderConfig.from_diffusers`."""
+    from flash_jax.models.autoencoder import AutoencoderConfig
+
+    config_dict, state_dict = load_safetensors_dir(_pretrained_folder(folder, "vae"))
+    config = AutoencoderConfig.from_diffusers(config_dict, **overrides)
+    return config, autoencoder_from_diffusers(state_dict, config)
+
+
+# ===================================== end UNet / AutoencoderKL ===================================

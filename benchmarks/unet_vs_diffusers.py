@@ -1,0 +1,148 @@
+"""Forward-pass speed: flash-jax UNet (jitted) vs diffusers UNet2DConditionModel (PyTorch).
+
+Both run the same random weights (imported with `flash_jax.weights.unet_from_diffusers`; the
+outputs are checked to agree) in float32. JAX runs on its default backend; PyTorch on the CPU
+with one thread per core. Prints a table and writes JSON.
+
+  python benchmarks/unet_vs_diffusers.py --channels 128,256,256 --size 32 --batch 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import torch
+from diffusers import UNet2DConditionModel
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from flash_jax import weights
+from flash_jax.models import unet
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--channels", default="128,256,256", help="block_out_channels, comma-separated")
+    p.add_argument("--layers-per-block", type=int, default=2)
+    p.add_argument("--heads", type=int, default=8, help="attention heads per block")
+    p.add_argument("--cross-dim", type=int, default=256, help="cross_attention_dim")
+    p.add_argument("--seq-len", type=int, default=77, help="text tokens")
+    p.add_argument("--linear-projection", action="store_true", help="SD2/SDXL-style projections")
+    p.add_argument("--size", type=int, default=32, help="latent side")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--out", default="benchmarks/results/unet_vs_diffusers.json")
+    return p.parse_args(argv)
+
+
+def _time(fn, warmup: int, iters: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    channels = tuple(int(c) for c in args.channels.split(","))
+    n = len(channels)
+    config_dict = dict(
+        sample_size=args.size,
+        block_out_channels=channels,
+        layers_per_block=args.layers_per_block,
+        cross_attention_dim=args.cross_dim,
+        attention_head_dim=args.heads,
+        use_linear_projection=args.linear_projection,
+        down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
+    )
+    torch.manual_seed(0)
+    torch.set_num_threads(os.cpu_count() or 1)
+    torch_model = UNet2DConditionModel(**config_dict).eval()
+    n_params = sum(p.numel() for p in torch_model.parameters())
+    config = unet.UNetConfig.from_diffusers(dict(torch_model.config))
+    state_dict = {k: v.numpy() for k, v in torch_model.state_dict().items()}
+    params = jax.device_put(weights.unet_from_diffusers(state_dict, config))
+
+    rs = np.random.RandomState(0)
+    x = rs.randn(args.batch, 4, args.size, args.size).astype(np.float32)
+    t = rs.randint(0, 1000, size=args.batch)
+    ctx = rs.randn(args.batch, args.seq_len, args.cross_dim).astype(np.float32)
+
+    apply = jax.jit(unet.UNet(config).apply)
+    jx = [jax.device_put(a) for a in (x.transpose(0, 2, 3, 1), t, ctx)]
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(apply({"params": params}, *jx))
+    compile_s = time.perf_counter() - t0
+    jax_ms = _time(
+        lambda: jax.block_until_ready(apply({"params": params}, *jx)), args.warmup, args.iters
+    )
+
+    tx = [torch.from_numpy(a) for a in (x, t, ctx)]
+    with torch.no_grad():
+        ref = torch_model(*tx).sample.numpy()
+        torch_ms = _time(lambda: torch_model(*tx), args.warmup, args.iters)
+    rel_err = float(
+        np.linalg.norm(np.asarray(out).transpose(0, 3, 1, 2) - ref) / np.linalg.norm(ref)
+    )
+
+    jax_med, torch_med = statistics.median(jax_ms), statistics.median(torch_ms)
+    result = dict(
+        benchmark="unet_vs_diffusers",
+        config=config_dict,
+        params_millions=n_params / 1e6,
+        batch=args.batch,
+        latent_size=args.size,
+        seq_len=args.seq_len,
+        dtype="float32",
+        jax_backend=jax.default_backend(),
+        jax_devices=[str(d) for d in jax.devices()],
+        cpu_count=os.cpu_count(),
+        torch_threads=torch.get_num_threads(),
+        versions=dict(
+            jax=jax.__version__, torch=torch.__version__, python=platform.python_version()
+        ),
+        jax_compile_s=compile_s,
+        jax_ms=jax_ms,
+        torch_ms=torch_ms,
+        jax_median_ms=jax_med,
+        torch_median_ms=torch_med,
+        speedup_vs_torch=torch_med / jax_med,
+        output_rel_l2=rel_err,
+    )
+    print(
+        f"UNet {channels}, {n_params / 1e6:.1f} M params, batch {args.batch}, "
+        f"{args.size}x{args.size} latents, {args.seq_len} tokens, float32"
+    )
+    print(f"{'implementation':<28}{'ms / forward (median)':>24}{'min':>10}{'ratio':>8}")
+    print(
+        f"{'flash-jax (jax ' + jax.default_backend() + ')':<28}{jax_med:>24.1f}"
+        f"{min(jax_ms):>10.1f}{1.0:>8.2f}"
+    )
+    print(
+        f"{'diffusers (torch cpu)':<28}{torch_med:>24.1f}{min(torch_ms):>10.1f}"
+        f"{torch_med / jax_med:>8.2f}"
+    )
+    print(f"jax compile {compile_s:.1f} s; outputs agree to rel L2 {rel_err:.1e}")
+    out_path = Path(args.out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out_path}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Flax (linen) modules: UNet, CLIP text encoder, AutoencoderKL, discriminators; NHWC inside."""
