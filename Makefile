@@ -1,27 +1,32 @@
-# Two entry points for a fresh machine: `make demo` and `make test`. Both create .venv themselves.
+# Two entry points for a fresh machine: `make demo` and `make test`. Both create .venv themselves
+# (demo: runtime requirements; test: + the PyTorch references and tools).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
 .PHONY: demo test lint format clean
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt
-	$(PYTHON) -m venv $(VENV)
+$(VENV)/.runtime: requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
 	$(PY) -m pip install -q -r requirements-dev.txt
 	touch $@
 
-demo: $(VENV)/.installed
+demo: $(VENV)/.runtime
 	$(PY) -m flash_jax.demo --workdir runs/demo
 
-test: $(VENV)/.installed
-	$(VENV)/bin/ruff check flash_jax tests benchmarks
-	$(VENV)/bin/ruff format --check flash_jax tests benchmarks
+test: $(VENV)/.dev
+	$(VENV)/bin/ruff check flash_jax tests benchmarks configs
+	$(VENV)/bin/ruff format --check flash_jax tests benchmarks configs
 	$(PY) -m pytest -q
 
-format: $(VENV)/.installed
-	$(VENV)/bin/ruff check --fix flash_jax tests benchmarks
-	$(VENV)/bin/ruff format flash_jax tests benchmarks
+format: $(VENV)/.dev
+	$(VENV)/bin/ruff check --fix flash_jax tests benchmarks configs
+	$(VENV)/bin/ruff format flash_jax tests benchmarks configs
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -188,6 +188,12 @@ def guided_output(
     return classifier_free_guidance(out_u, out_c, scale, rescale)
 
 
+def _per_sample(value: jnp.ndarray, x: jnp.ndarray) -> jnp.ndarray:
+    """A step coefficient, scalar or per-sample `(B,)`, shaped to broadcast against `x`."""
+    value = jnp.asarray(value)
+    return value.reshape(value.shape + (1,) * (x.ndim - value.ndim)) if value.ndim else value
+
+
 def run_plan(
     apply_fn: ApplyFn,
     params: Any,
@@ -202,9 +208,11 @@ def run_plan(
 ) -> tuple[jnp.ndarray, jnp.ndarray]:
     """The sampling loop (traceable; call inside jit). Returns `(x_final, x0_last)`.
 
-    `num_active` (traced int allowed) runs only the first `num_active` steps; later steps leave the
-    state untouched. That is the backward-distillation rollout `x_{T→t}` for a randomly drawn t with
-    a static number of steps. `x0_last` is the last active step's clean estimate.
+    `steps` holds the coefficient arrays of `Plan`, each `(N,)` (shared by the batch) or `(N, B)`
+    (per sample, e.g. a teacher solve starting from a different timestep for every sample).
+    `num_active` (traced int or `(B,)` ints) runs only the first `num_active` steps; later steps
+    leave the state untouched. That is the backward-distillation rollout `x_{T→t}` for randomly
+    drawn t with a static number of steps. `x0_last` is the last active step's clean estimate.
     """
     coef = jax.tree.map(
         jnp.asarray, dataclasses.asdict(steps) if isinstance(steps, Plan) else steps
@@ -217,34 +225,56 @@ def run_plan(
     def body(carry, inputs):
         x, x0_prev = carry
         i, c = inputs
-        t = jnp.full((batch,), c["t"], jnp.float32)
+        t = jnp.broadcast_to(c["t"], (batch,)).astype(jnp.float32)
         out = guided_output(
             apply_fn, params, x, t, cond, uncond, config.guidance_scale, config.guidance_rescale
         )
-        a, s = c["alpha"], c["sigma"]
+        c = {k: _per_sample(v, x) for k, v in c.items()}
+        a, s, a_next, s_next = c["alpha"], c["sigma"], c["alpha_next"], c["sigma_next"]
         x0, eps = diffusion.predict_x0_eps(out, x, a, s, prediction_type)
         if config.noise_correction:
             eps = jnp.where(i == 0, x_T, eps)
         if config.name == "dpmpp_2m":
-            x_new = dpmpp_2m_update(
-                x, x0, x0_prev, a, s, c["alpha_next"], c["sigma_next"], c["dpm_weight"]
-            )
+            x_new = dpmpp_2m_update(x, x0, x0_prev, a, s, a_next, s_next, c["dpm_weight"])
             if config.noise_correction:
-                x_first = ddim_update(x0, eps, c["alpha_next"], c["sigma_next"])
-                x_new = jnp.where(i == 0, x_first, x_new)
+                x_new = jnp.where(i == 0, ddim_update(x0, eps, a_next, s_next), x_new)
         else:
             noise = None
             if config.name == "ddim" and config.eta > 0:
                 noise = jax.random.normal(jax.random.fold_in(rng, i), x.shape, x.dtype)
-            x_new = ddim_update(x0, eps, c["alpha_next"], c["sigma_next"], c["eta_std"], noise)
+            x_new = ddim_update(x0, eps, a_next, s_next, c["eta_std"], noise)
         if num_active is not None:
-            active = i < num_active
+            active = _per_sample(i < jnp.asarray(num_active), x)
             x_new = jnp.where(active, x_new, x)
             x0 = jnp.where(active, x0, x0_prev)
         return (x_new.astype(x.dtype), x0.astype(x.dtype)), None
 
     (x, x0), _ = jax.lax.scan(body, (x_T, jnp.zeros_like(x_T)), (jnp.arange(n), coef))
     return x, x0
+
+
+def plan_from_timesteps(schedule: diffusion.Schedule, timesteps: jnp.ndarray) -> dict:
+    """Traceable DDIM / DPM-Solver++ coefficients for integer timesteps `(N, ...)` (any trailing
+    batch shape, e.g. `(N, B)` per-sample solves), descending; the last step lands on ᾱ = 1."""
+    acp_table = jnp.asarray(np.maximum(schedule.alphas_cumprod, 2.0**-24))
+    acp = acp_table[timesteps]
+    acp_next = jnp.concatenate([acp[1:], jnp.ones_like(acp[:1])])
+    lam = 0.5 * jnp.log(acp) - 0.5 * jnp.log1p(-acp)
+    h = jnp.concatenate([lam[1:], jnp.full_like(lam[:1], jnp.inf)]) - lam
+    h_prev = jnp.concatenate([jnp.full_like(lam[:1], jnp.inf), lam[1:] - lam[:-1]])
+    n = timesteps.shape[0]
+    second_order = (jnp.arange(n) > 0) & (jnp.arange(n) < n - 1)
+    second_order = second_order.reshape((n,) + (1,) * (timesteps.ndim - 1))
+    dpm_weight = jnp.where(second_order, 0.5 * h / h_prev, 0.0)
+    return {
+        "t": timesteps.astype(jnp.float32),
+        "alpha": jnp.sqrt(acp),
+        "sigma": jnp.sqrt(1.0 - acp),
+        "alpha_next": jnp.sqrt(acp_next),
+        "sigma_next": jnp.sqrt(1.0 - acp_next),
+        "eta_std": jnp.zeros_like(acp),
+        "dpm_weight": dpm_weight,
+    }
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "config", "prediction_type"))

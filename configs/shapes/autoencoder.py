@@ -1,0 +1,27 @@
+"""Stage 1 of the testbed: the AutoencoderKL that defines the latent space.
+
+  python -m flash_jax.main --config configs/shapes/autoencoder.py --workdir runs/shapes/autoencoder
+Variants: "quick" (a short smoke run), "tiny" (tiny model, for tests).
+"""
+
+import ml_collections
+
+from configs.shapes import common
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+    variants = set(filter(None, (arg or "").split(",")))
+    size = "tiny" if "tiny" in variants else "base"
+    c = common.training("autoencoder", total_steps=3000, sample_every=1000, ema_decay=0.99)
+    c.model = common.model(size)
+    c.kl_weight = 1e-6  # KL to N(0, I), small: the latent scale is fixed afterwards
+    c.optimizer = common.optimizer(learning_rate=1e-3, warmup_steps=100)
+    if "quick" in variants:
+        c.total_steps, c.checkpoint_every, c.sample_every, c.log_every = 300, 300, 300, 25
+    if "tiny" in variants:
+        c.data.image_size = 16
+        c.model = common.model("tiny", image_size=16)
+        c.batch_size, c.total_steps, c.log_every = 4, 6, 1
+        c.checkpoint_every, c.sample_every, c.num_samples = 3, 6, 2
+    c.lock()
+    return c

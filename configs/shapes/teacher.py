@@ -1,0 +1,46 @@
+"""Stage 2 of the testbed: the text-to-image teacher (UNet + CLIP-style text encoder) on the
+frozen stage-1 VAE's latents, with CFG dropout.
+
+  python -m flash_jax.main --config configs/shapes/teacher.py --workdir runs/shapes/teacher \
+      --config.autoencoder_workdir=runs/shapes/autoencoder
+Variants: "quick" (a short smoke run), "tiny" (tiny model, for tests).
+"""
+
+import dataclasses
+
+import ml_collections
+
+from configs.shapes import common
+from flash_jax import sampling
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+    variants = set(filter(None, (arg or "").split(",")))
+    c = common.training("denoising", total_steps=20_000, sample_every=2500)
+    c.model = common.model("base")
+    c.schedule = ml_collections.ConfigDict(
+        dict(
+            beta_schedule="scaled_linear",  # SD's schedule
+            beta_start=0.00085,
+            beta_end=0.012,
+            num_train_timesteps=1000,
+            rescale_betas_zero_snr=False,
+            prediction_type="epsilon",
+        )
+    )
+    c.cfg_dropout = 0.1  # probability of training on the empty prompt
+    c.autoencoder_workdir = "runs/shapes/autoencoder"  # the trained stage-1 VAE
+    # The sampler of the periodic grids (every flash_jax.sampling.SamplerConfig field).
+    c.sample = ml_collections.ConfigDict(
+        dataclasses.asdict(sampling.SamplerConfig(num_steps=25, guidance_scale=4.0))
+    )
+    if "quick" in variants:
+        c.total_steps, c.checkpoint_every, c.sample_every, c.log_every = 400, 400, 400, 25
+    if "tiny" in variants:
+        c.data.image_size = 16
+        c.model = common.model("tiny", image_size=16)
+        c.batch_size, c.total_steps, c.log_every = 4, 6, 1
+        c.checkpoint_every, c.sample_every, c.num_samples = 3, 6, 2
+        c.sample.num_steps = 2
+    c.lock()
+    return c

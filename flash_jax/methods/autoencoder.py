@@ -1,0 +1,51 @@
+"""Trains the AutoencoderKL of the latent space: L1 + L2 reconstruction + a small KL term.
+
+config reads: model.autoencoder, kl_weight.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from flash_jax.methods import Method
+from flash_jax.models import autoencoder
+
+
+def make(config: ml_collections.ConfigDict) -> Method:
+    ae = autoencoder.AutoencoderConfig.from_diffusers(config.model.autoencoder.to_dict())
+
+    def prepare_batch(raw: dict) -> dict:
+        return {"image": np.asarray(raw["image"])}
+
+    def to_unit(images):
+        return images.astype(jnp.float32) / 127.5 - 1.0
+
+    def generator_loss(params, frozen, batch, rng, disc_params=None):
+        del frozen, disc_params
+        x = to_unit(batch["image"])
+        mean, logvar = autoencoder.encode(params, ae, x)
+        z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape)
+        recon = autoencoder.decode(params, ae, z)
+        l1 = jnp.mean(jnp.abs(recon - x))
+        l2 = jnp.mean((recon - x) ** 2)
+        kl = 0.5 * jnp.mean(jnp.sum(mean**2 + jnp.exp(logvar) - 1.0 - logvar, axis=-1))
+        return l1 + l2 + config.kl_weight * kl, {"l1": l1, "l2": l2, "kl": kl}
+
+    def sample(params, frozen, batch, rng):
+        """Reconstructions (posterior mean) of the batch images."""
+        del frozen, rng
+        x = autoencoder.decode(
+            params, ae, autoencoder.encode(params, ae, to_unit(batch["image"]))[0]
+        )
+        return jnp.clip(jnp.round((x + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
+
+    return Method(
+        init=lambda rng: autoencoder.init_params(ae, rng),
+        load_frozen=dict,
+        generator_loss=generator_loss,
+        prepare_batch=prepare_batch,
+        sample=sample,
+    )

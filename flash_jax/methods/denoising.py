@@ -1,0 +1,78 @@
+"""The diffusion loss: trains a text-to-image teacher (UNet + text encoder) on frozen-VAE latents.
+
+config reads: model.*, schedule.*, cfg_dropout (probability of the empty prompt, for CFG),
+autoencoder_workdir (where the frozen VAE was trained), sample.* (the grid sampler).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from flash_jax import diffusion, sampling
+from flash_jax.methods import Method
+from flash_jax.pipeline import T2I
+from flash_jax.train import checkpoint
+
+
+def diffusion_target(x0, noise, alpha, sigma, prediction_type: str) -> jax.Array:
+    """What a model of `prediction_type` must output for x_t = α·x0 + σ·ε."""
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return diffusion.v_target(x0, noise, alpha, sigma)
+    return x0
+
+
+def sampler_config(config: ml_collections.ConfigDict) -> sampling.SamplerConfig:
+    return sampling.SamplerConfig(**config.to_dict())
+
+
+def make(config: ml_collections.ConfigDict) -> Method:
+    model = T2I.from_config(config)
+    tokenizer = model.tokenizer()
+    empty_tokens = tokenizer([""])[0]
+    schedule = model.schedule
+    grid_sampler = sampler_config(config.sample)
+
+    def prepare_batch(raw: dict) -> dict:
+        return {"image": np.asarray(raw["image"]), "tokens": tokenizer(list(raw["caption"]))}
+
+    def load_frozen() -> dict[str, Any]:
+        return {"vae": checkpoint.load_params(config.autoencoder_workdir)}
+
+    def generator_loss(params, frozen, batch, rng, disc_params=None):
+        del disc_params
+        k_lat, k_t, k_noise, k_drop = jax.random.split(rng, 4)
+        x0 = model.to_latents(frozen["vae"], batch["image"], k_lat)
+        b = x0.shape[0]
+        drop = jax.random.bernoulli(k_drop, config.cfg_dropout, (b, 1))
+        tokens = jnp.where(drop, empty_tokens[None], batch["tokens"])
+        context = model.encode_text(params["text"], tokens)
+        t = jax.random.randint(k_t, (b,), 0, schedule.num_train_timesteps)
+        alpha, sigma = (a.reshape(b, 1, 1, 1) for a in schedule.alpha_sigma(t))
+        noise = jax.random.normal(k_noise, x0.shape)
+        x_t = diffusion.add_noise(x0, noise, alpha, sigma)
+        out = model.apply_unet(params["unet"], x_t, t.astype(jnp.float32), context)
+        target = diffusion_target(x0, noise, alpha, sigma, schedule.prediction_type)
+        loss = jnp.mean((out - target) ** 2)
+        return loss, {}
+
+    def sample(params, frozen, batch, rng):
+        x_T = jax.random.normal(
+            rng, model.latent_shape(batch["tokens"].shape[0], batch["image"].shape[1])
+        )
+        uncond = jnp.broadcast_to(empty_tokens, batch["tokens"].shape)
+        return model.generate(params, frozen["vae"], batch["tokens"], uncond, x_T, grid_sampler)
+
+    return Method(
+        init=model.init,
+        load_frozen=load_frozen,
+        generator_loss=generator_loss,
+        prepare_batch=prepare_batch,
+        sample=sample,
+    )

@@ -1,0 +1,325 @@
+"""Imagine Flash (METHOD.md §1–4): backward distillation + shifted reconstruction loss + adversarial.
+
+One generator step, all inside the trainer's single compiled program:
+
+  x_T ~ N(0, I); per sample draw N (from `student_steps`) and i ∈ {0..N−1}; t = s_i
+  x_t   = stopgrad(student's own N-step sampler run for i steps from x_T)    backward distillation
+          (ablation `backward=False`: x_t = α_t·x0_real + σ_t·x_T, forward/leaky)
+  x̂0^Θ = x̂0(x_t, ε̂_Θ(x_t, t, c), t)                                       the only gradient path
+  t_Φ   = γ(t) (± jitter);  χ = α_{t_Φ}·stopgrad(x̂0^Θ) + σ_{t_Φ}·ε'          SRL re-noising
+          (ablation `srl=False`: χ = x_t, t_Φ = t — plain backward distillation)
+  x̂0^Φ = stopgrad(teacher k-step CFG solve from χ at t_Φ down to 0)
+  L     = w(t)·‖x̂0^Φ − x̂0^Θ‖² + λ_adv·L_adv^G(D(teacher features of re-noised x̂0^Θ))
+
+The discriminator (models/discriminator.py) sees real latents and the student's x̂0^Θ re-noised to
+a random level, through the FROZEN teacher UNet's down/mid features, with trainable heads.
+
+config reads: model.*, schedule.*, teacher_workdir, autoencoder_workdir, and `imagine_flash.*`
+(see configs/shapes/imagine_flash.py for every knob and its default).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from flash_jax import diffusion, sampling
+from flash_jax.methods import Method
+from flash_jax.models import discriminator as disc_lib
+from flash_jax.pipeline import T2I
+from flash_jax.train import checkpoint
+
+Array = jax.Array
+
+
+# --------------------------------------------------------------------------------------- γ(t)
+
+
+def gamma(t: Array, kind: str, num_train_timesteps: int, a: float, b: float, shift: float) -> Array:
+    """The shifted teacher timestep t_Φ = γ(t) (float, before jitter/rounding).
+
+    kind "affine": `a·t + b` (a < 1 keeps γ(T−1) < T−1 for b small);
+    kind "sd3": `a·T·sτ/(1 + (s−1)τ) + b` on τ = t/T, s = `shift` (SD3-style time shift; s < 1
+    shifts toward low noise). The shift alone maps T to T, so `a < 1` is what keeps γ(T) < T.
+    Both increase with t for a > 0; callers clip to [1, T−1].
+    """
+    T = num_train_timesteps
+    t = t.astype(jnp.float32)
+    if kind == "affine":
+        return a * t + b
+    if kind == "sd3":
+        tau = t / T
+        return a * T * shift * tau / (1.0 + (shift - 1.0) * tau) + b
+    raise ValueError(f"imagine_flash.gamma={kind!r} is not 'affine' or 'sd3'")
+
+
+def student_plans(schedule: diffusion.Schedule, steps: tuple[int, ...], noise_correction: bool):
+    """Per-N student DDIM coefficients padded to max(steps): dict of `(len(steps), N_max)` arrays,
+    plus the student timesteps table `(len(steps), N_max)` (padding repeats the last step)."""
+    n_max = max(steps)
+    plans, tables = [], []
+    for n in steps:
+        cfg = sampling.SamplerConfig(
+            num_steps=n, spacing="trailing", noise_correction=noise_correction
+        )
+        p = dataclasses.asdict(sampling.plan(schedule, cfg))
+        plans.append({k: np.pad(v, (0, n_max - n), mode="edge") for k, v in p.items()})
+        ts = diffusion.timesteps_for(schedule.num_train_timesteps, n, "trailing")
+        tables.append(np.pad(ts, (0, n_max - n), mode="edge"))
+    stacked = {k: np.stack([p[k] for p in plans]) for k in plans[0]}
+    return stacked, np.stack(tables)
+
+
+def teacher_timesteps(t_phi: Array, k: int) -> Array:
+    """k descending integer timesteps `(k, B)` from t_Φ `(B,)` toward 0: round(t_Φ·(k−j)/k)."""
+    fractions = (k - jnp.arange(k, dtype=jnp.float32)) / k
+    return jnp.round(t_phi[None, :] * fractions[:, None]).astype(jnp.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class ImagineFlashConfig:
+    """`config.imagine_flash` (configs/shapes/imagine_flash.py documents every field)."""
+
+    student_steps: tuple[int, ...] = (3,)
+    backward: bool = True
+    rollout_noise_correction: bool = True
+    srl: bool = True
+    gamma: str = "affine"
+    gamma_a: float = 0.75
+    gamma_b: float = 0.0
+    gamma_shift: float = 0.5
+    gamma_jitter: float = 0.0
+    teacher_steps: int = 4
+    teacher_sampler: str = "ddim"
+    guidance_scale: float = 4.0
+    guidance_rescale: float = 0.0
+    loss_weighting: str = "uniform"
+    adv_weight: float = 0.1
+    disc_width: int = 64
+    disc_t_max: int = 750
+
+    def __post_init__(self):
+        object.__setattr__(self, "student_steps", tuple(int(n) for n in self.student_steps))
+        if not self.student_steps or any(not 1 <= n <= 8 for n in self.student_steps):
+            raise ValueError(f"imagine_flash.student_steps={self.student_steps}: need 1..8 steps")
+        if self.loss_weighting not in ("uniform", "alpha"):
+            raise ValueError(f"imagine_flash.loss_weighting={self.loss_weighting!r}")
+        if self.teacher_sampler not in ("ddim", "dpmpp_2m"):
+            raise ValueError(f"imagine_flash.teacher_sampler={self.teacher_sampler!r}")
+        if self.teacher_steps < 1:
+            raise ValueError(f"imagine_flash.teacher_steps={self.teacher_steps} must be >= 1")
+
+
+def _bcast(v: Array) -> Array:
+    return v.reshape((*v.shape, 1, 1, 1))
+
+
+def unet_fn(model: T2I):
+    """`(params, x, t, context) -> output` of the model's UNet (the samplers' apply_fn)."""
+    return lambda p, x, t, c: model.apply_unet(p, x, t, c)
+
+
+def rollout(
+    model: T2I,
+    unet_params: Any,
+    x_T: Array,
+    plans: dict,
+    which: Array,
+    i: Array,
+    context: Array,
+    noise_correction: bool,
+) -> Array:
+    """x^Θ_{T→t}: the student's own sampler (plan `which[b]` of `plans`) run `i[b]` steps from x_T,
+    under stop-gradient. `plans` are `student_plans` arrays; `which`, `i`: int `(B,)`."""
+    per_sample = {k: jnp.asarray(v)[which].T for k, v in plans.items()}  # (N_max, B)
+    n_max = per_sample["t"].shape[0]
+    config = sampling.SamplerConfig(num_steps=n_max, noise_correction=noise_correction)
+    x_t, _ = sampling.run_plan(
+        unet_fn(model),
+        unet_params,
+        x_T,
+        per_sample,
+        context,
+        None,
+        config,
+        model.schedule.prediction_type,
+        num_active=i,
+    )
+    return jax.lax.stop_gradient(x_t)
+
+
+def student_estimate(model: T2I, unet_params: Any, x_t: Array, t: Array, context: Array) -> Array:
+    """x̂0^Θ(x_t, t): the student's clean estimate (gradients flow to `unet_params`)."""
+    out = model.apply_unet(unet_params, x_t, t.astype(jnp.float32), context)
+    alpha, sigma = (_bcast(v) for v in model.schedule.alpha_sigma(t))
+    return diffusion.predict_x0_eps(out, x_t, alpha, sigma, model.schedule.prediction_type)[0]
+
+
+def srl_target(
+    model: T2I,
+    ifc: ImagineFlashConfig,
+    teacher_unet: Any,
+    x0_student: Array,
+    x_t: Array,
+    t: Array,
+    context: Array,
+    uncond: Array,
+    rng: Array,
+    t_phi: Array | None = None,
+) -> tuple[Array, Array]:
+    """(x̂0^Φ, t_Φ): the teacher's k-step CFG solve from χ = α_{t_Φ}·sg(x̂0^Θ) + σ_{t_Φ}·ε' at t_Φ
+    (γ(t) unless given), under stop-gradient. Without SRL: from the student's own state x_t at t."""
+    schedule = model.schedule
+    T = schedule.num_train_timesteps
+    k_eps, k_jit = jax.random.split(rng)
+    b = t.shape[0]
+    if ifc.srl:
+        if t_phi is None:
+            t_phi = gamma(t, ifc.gamma, T, ifc.gamma_a, ifc.gamma_b, ifc.gamma_shift)
+            if ifc.gamma_jitter > 0:
+                t_phi += ifc.gamma_jitter * jax.random.uniform(k_jit, (b,), minval=-1, maxval=1)
+            t_phi = jnp.clip(jnp.round(t_phi), 1, T - 1).astype(jnp.int32)
+        a_phi, s_phi = (_bcast(v) for v in schedule.alpha_sigma(t_phi))
+        noise = jax.random.normal(k_eps, x0_student.shape)
+        chi = diffusion.add_noise(jax.lax.stop_gradient(x0_student), noise, a_phi, s_phi)
+    else:
+        t_phi, chi = t, x_t
+    solve = sampling.plan_from_timesteps(schedule, teacher_timesteps(t_phi, ifc.teacher_steps))
+    config = sampling.SamplerConfig(
+        name=ifc.teacher_sampler,
+        num_steps=ifc.teacher_steps,
+        guidance_scale=ifc.guidance_scale,
+        guidance_rescale=ifc.guidance_rescale,
+    )
+    x0_teacher, _ = sampling.run_plan(
+        unet_fn(model), teacher_unet, chi, solve, context, uncond, config, schedule.prediction_type
+    )
+    return jax.lax.stop_gradient(x0_teacher), t_phi
+
+
+def make(config: ml_collections.ConfigDict) -> Method:
+    ifc = ImagineFlashConfig(**config.imagine_flash.to_dict())
+    model = T2I.from_config(config)
+    schedule = model.schedule
+    tokenizer = model.tokenizer()
+    empty_tokens = tokenizer([""])[0]
+    steps = ifc.student_steps
+    plans, ts_table = student_plans(schedule, steps, ifc.rollout_noise_correction)
+    grid_cfg = sampling.SamplerConfig(num_steps=max(steps), noise_correction=True)
+    discriminator = disc_lib.Discriminator(width=ifc.disc_width)
+    adversarial = ifc.adv_weight > 0
+
+    def prepare_batch(raw: dict) -> dict:
+        return {"image": np.asarray(raw["image"]), "tokens": tokenizer(list(raw["caption"]))}
+
+    def load_frozen() -> dict[str, Any]:
+        return {
+            "teacher": checkpoint.load_params(config.teacher_workdir),
+            "vae": checkpoint.load_params(config.autoencoder_workdir),
+        }
+
+    def init(rng: Array) -> dict[str, Any]:
+        del rng  # the student starts as the teacher
+        return {"unet": checkpoint.load_params(config.teacher_workdir)["unet"]}
+
+    def conditioning(frozen, tokens):
+        context, pooled = model.encode_text_pooled(frozen["teacher"]["text"], tokens)
+        uncond = model.encode_text(
+            frozen["teacher"]["text"], jnp.broadcast_to(empty_tokens, tokens.shape)
+        )
+        return context, pooled, uncond
+
+    def student_input(params, frozen, batch, rng, context):
+        """(x_t, t): per sample a student step count N and a rollout depth i < N, t = s_i."""
+        k_T, k_n, k_i, k_lat = jax.random.split(rng, 4)
+        b = batch["tokens"].shape[0]
+        x_T = jax.random.normal(k_T, model.latent_shape(b, batch["image"].shape[1]))
+        which = jax.random.randint(k_n, (b,), 0, len(steps))
+        i = jnp.floor(jax.random.uniform(k_i, (b,)) * jnp.asarray(steps)[which]).astype(jnp.int32)
+        t = jnp.asarray(ts_table)[which, i]
+        if ifc.backward:
+            x_t = rollout(
+                model, params["unet"], x_T, plans, which, i, context, ifc.rollout_noise_correction
+            )
+        else:
+            x0_real = model.to_latents(frozen["vae"], batch["image"], k_lat)
+            alpha, sigma = (_bcast(v) for v in schedule.alpha_sigma(t))
+            x_t = diffusion.add_noise(x0_real, x_T, alpha, sigma)
+        return x_t, t
+
+    def disc_logits(disc_params, frozen, x0, context, pooled, rng):
+        """D on x0 re-noised to a random level t_d ∈ [0, disc_t_max)."""
+        k_t, k_eps = jax.random.split(rng)
+        b = x0.shape[0]
+        t_d = jax.random.randint(k_t, (b,), 0, ifc.disc_t_max)
+        a, s = (_bcast(v) for v in schedule.alpha_sigma(t_d))
+        noisy = diffusion.add_noise(x0, jax.random.normal(k_eps, x0.shape), a, s)
+        _, features = model.apply_unet(
+            frozen["teacher"]["unet"],
+            noisy,
+            t_d.astype(jnp.float32),
+            context,
+            return_features=True,
+        )
+        return discriminator.apply({"params": disc_params}, features, t_d, pooled)
+
+    def generator_loss(params, frozen, batch, rng, disc_params=None):
+        k_student, k_srl, k_adv = jax.random.split(rng, 3)
+        context, pooled, uncond = conditioning(frozen, batch["tokens"])
+        x_t, t = student_input(params, frozen, batch, k_student, context)
+        x0_student = student_estimate(model, params["unet"], x_t, t, context)
+        x0_teacher, t_phi = srl_target(
+            model, ifc, frozen["teacher"]["unet"], x0_student, x_t, t, context, uncond, k_srl
+        )
+        per_sample = jnp.mean((x0_teacher - x0_student) ** 2, axis=(1, 2, 3))
+        if ifc.loss_weighting == "alpha":
+            per_sample = per_sample * schedule.alpha_sigma(t)[0]
+        srl = jnp.mean(per_sample)
+        aux = {"srl": srl, "t_phi": jnp.mean(t_phi.astype(jnp.float32))}
+        loss = srl
+        if adversarial:
+            logits = disc_logits(disc_params, frozen, x0_student, context, pooled, k_adv)
+            adv = disc_lib.hinge_generator_loss(logits)
+            loss = loss + ifc.adv_weight * adv
+            aux |= {"adv": adv, "fake": x0_student}
+        return loss, aux
+
+    def init_discriminator(rng: Array) -> Any:
+        frozen = load_frozen()
+        x = jnp.zeros(model.latent_shape(1, config.data.image_size))
+        context, pooled, _ = conditioning(frozen, jnp.asarray(empty_tokens)[None])
+        _, features = model.apply_unet(
+            frozen["teacher"]["unet"], x, jnp.zeros((1,)), context, return_features=True
+        )
+        return discriminator.init(rng, features, jnp.zeros((1,)), pooled)["params"]
+
+    def discriminator_loss(disc_params, fake, frozen, batch, rng):
+        k_real, k_fake, k_lat = jax.random.split(rng, 3)
+        context, pooled, _ = conditioning(frozen, batch["tokens"])
+        real = model.to_latents(frozen["vae"], batch["image"], k_lat)
+        real_logits = disc_logits(disc_params, frozen, real, context, pooled, k_real)
+        fake_logits = disc_logits(disc_params, frozen, fake, context, pooled, k_fake)
+        loss = disc_lib.hinge_discriminator_loss(real_logits, fake_logits)
+        return loss, {"real": jnp.mean(real_logits), "fake": jnp.mean(fake_logits)}
+
+    def sample(params, frozen, batch, rng):
+        b = batch["tokens"].shape[0]
+        x_T = jax.random.normal(rng, model.latent_shape(b, batch["image"].shape[1]))
+        student = {"unet": params["unet"], "text": frozen["teacher"]["text"]}
+        uncond = jnp.broadcast_to(empty_tokens, batch["tokens"].shape)
+        return model.generate(student, frozen["vae"], batch["tokens"], uncond, x_T, grid_cfg)
+
+    return Method(
+        init=init,
+        load_frozen=load_frozen,
+        generator_loss=generator_loss,
+        prepare_batch=prepare_batch,
+        init_discriminator=init_discriminator if adversarial else None,
+        discriminator_loss=discriminator_loss if adversarial else None,
+        sample=sample,
+    )

@@ -1,0 +1,1 @@
+"""The generic trainer: state, one compiled step, checkpoints, the run loop."""

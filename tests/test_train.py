@@ -1,0 +1,157 @@
+"""The generic trainer: exact resume (also after SIGKILL), checkpoint fallback, refusals of bad input."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from configs.shapes import autoencoder as ae_config
+from flash_jax.train import checkpoint, loop
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_config(**overrides):
+    config = ae_config.get_config("tiny")
+    with config.unlocked():
+        config.update(overrides)
+    return config
+
+
+def _leaves(tree):
+    return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(tree))]
+
+
+def assert_trees_identical(a, b):
+    la, lb = _leaves(a), _leaves(b)
+    assert len(la) == len(lb)
+    for x, y in zip(la, lb, strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """A 6-step tiny autoencoder run with checkpoints at steps 3 and 6."""
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    return workdir, loop.train(tiny_config(), workdir)
+
+
+def test_run_writes_metrics_samples_and_checkpoints(uninterrupted):
+    workdir, state = uninterrupted
+    assert int(state.step) == 6
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 6 and '"loss"' in lines[0]
+    assert (workdir / "samples" / "step_0000006.png").is_file()
+    assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [3, 6]
+
+
+def test_resume_in_process_is_exact(uninterrupted, tmp_path):
+    _, expected = uninterrupted
+    loop.train(tiny_config(total_steps=3), tmp_path)
+    resumed = loop.train(tiny_config(), tmp_path)
+    assert int(resumed.step) == 6
+    assert_trees_identical(resumed, expected)
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_previous(uninterrupted, tmp_path, caplog):
+    workdir, _ = uninterrupted
+    shutil.copytree(workdir / "checkpoints", tmp_path / "checkpoints")
+    for f in (tmp_path / "checkpoints" / "6" / "state").rglob("*"):
+        if f.is_file() and f.stat().st_size > 0:
+            f.write_bytes(b"garbage")
+    manager = checkpoint.make_manager(tmp_path / "checkpoints", async_save=False)
+    abstract = checkpoint.abstract_like(loop.train(tiny_config(total_steps=0), tmp_path / "fresh"))
+    state, extra = checkpoint.restore_latest(manager, abstract)
+    assert int(state.step) == 3 and extra["step"] == 3
+    assert "step 6" in caplog.text and "unreadable" in caplog.text
+
+    for f in (tmp_path / "checkpoints" / "3" / "state").rglob("*"):
+        if f.is_file() and f.stat().st_size > 0:
+            f.write_bytes(b"garbage")
+    with pytest.raises(checkpoint.CheckpointError, match="no readable checkpoint"):
+        checkpoint.restore_latest(manager, abstract)
+
+
+def test_nan_stops_without_checkpoint(tmp_path):
+    config = tiny_config(log_every=100)
+    config.optimizer.learning_rate = float("nan")
+    with pytest.raises(loop.NonFiniteError, match="non-finite loss or gradient at step 3"):
+        loop.train(config, tmp_path)
+    ckpts = tmp_path / "checkpoints"
+    assert not ckpts.exists() or not any(p.name.isdigit() for p in ckpts.iterdir())
+
+
+def _main(workdir, *flags, **kwargs):
+    cmd = [sys.executable, "-m", "flash_jax.main", f"--workdir={workdir}", *flags]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"} | kwargs.pop("env", {})
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, **kwargs)
+
+
+def test_unknown_config_key_is_refused_before_anything_runs(tmp_path):
+    proc = _main(
+        tmp_path / "run",
+        "--config=configs/shapes/autoencoder.py:tiny",
+        "--config.no_such_key=1",
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "no_such_key" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_wrong_type_is_refused(tmp_path):
+    proc = _main(
+        tmp_path / "run",
+        "--config=configs/shapes/autoencoder.py:tiny",
+        "--config.batch_size=four",
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "batch_size" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_batch_not_divisible_by_devices_is_refused(tmp_path):
+    proc = _main(
+        tmp_path / "run",
+        "--config=configs/shapes/autoencoder.py:tiny",
+        "--config.batch_size=6",
+        stderr=subprocess.PIPE,
+        text=True,
+        env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"},
+    )
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "batch_size=6 is not divisible by the 4" in err
+
+
+@pytest.mark.slow
+def test_sigkill_then_restart_is_bit_identical(uninterrupted, tmp_path):
+    """Kill -9 right after step 4 is logged (checkpoint 3 may still be in flight), restart."""
+    _, expected = uninterrupted
+    flags = ["--config=configs/shapes/autoencoder.py:tiny"]
+    proc = _main(tmp_path, *flags, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 4:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    assert proc.wait(timeout=60) == -signal.SIGKILL, "the run finished before it could be killed"
+
+    restart = _main(tmp_path, *flags, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _, err = restart.communicate(timeout=300)
+    assert restart.returncode == 0, err
+    manager = checkpoint.make_manager(tmp_path / "checkpoints", async_save=False)
+    restored, _ = checkpoint.restore_latest(manager, checkpoint.abstract_like(expected))
+    assert int(restored.step) == 6
+    assert_trees_identical(restored, expected)
