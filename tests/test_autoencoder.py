@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 
+import flax
 import jax
 import numpy as np
 import pytest
@@ -218,3 +219,13 @@ def test_misshaped_missing_unexpected_raise():
 def test_from_diffusers_rejects_unsupported(key, value):
     with pytest.raises(ValueError, match=key):
         autoencoder.AutoencoderConfig.from_diffusers(dict(CONFIGS["sd"], **{key: value}))
+
+
+def test_from_pretrained_reads_a_diffusers_pipeline_folder(tmp_path):
+    """`save_pretrained` (config.json + safetensors) under `vae/` loads in one call."""
+    case = _case(next(iter(CONFIGS)))
+    case["model"].save_pretrained(tmp_path / "vae", safe_serialization=True)
+    config, params = weights.autoencoder_from_pretrained(tmp_path)
+    assert config == case["config"]
+    for path, leaf in flax.traverse_util.flatten_dict(params).items():
+        np.testing.assert_array_equal(leaf, flax.traverse_util.flatten_dict(case["params"])[path])

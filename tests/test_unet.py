@@ -265,3 +265,14 @@ def test_init_params_have_logical_axes():
     assert attn["to_q"]["kernel"].names == ("embed", "heads")
     assert attn["to_out_0"]["kernel"].names == ("heads", "embed")
     assert boxed["conv_in"]["kernel"].names == ("conv_h", "conv_w", "conv_in", "conv_out")
+
+
+def test_from_pretrained_reads_a_diffusers_pipeline_folder(tmp_path):
+    """`save_pretrained` (config.json + safetensors) under `unet/` loads in one call."""
+    model = _torch_unet(CONFIGS["sd1"], seed=1)
+    model.save_pretrained(tmp_path / "unet", safe_serialization=True)
+    config, params = weights.unet_from_pretrained(tmp_path)
+    x = _inputs(CONFIGS["sd1"])
+    ref, _ = _torch_forward(model, x)
+    out, _ = _flax_forward(config, params, x)
+    assert _rel(out, ref) < TOL

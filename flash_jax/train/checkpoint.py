@@ -13,7 +13,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import flax
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from flash_jax.train.state import TrainState
@@ -91,11 +93,16 @@ def restore_latest(
 
 def load_params(workdir: str | Path, field: str = "ema_params") -> Any:
     """One field of the newest checkpoint in `workdir/checkpoints` (e.g. a trained VAE or teacher
-    to freeze), as host arrays; no optimizer structure needs to be known.
+    to freeze), as host arrays; no optimizer structure needs to be known. `workdir` may also be a
+    `.msgpack` file written by `export_params` (the small trained models shipped in assets/).
 
     Raises:
       CheckpointError: there is no checkpoint, naming the directory.
     """
+    if Path(workdir).suffix == ".msgpack":
+        if not Path(workdir).is_file():
+            raise CheckpointError(f"{workdir}: no such parameter file")
+        return flax.serialization.msgpack_restore(Path(workdir).read_bytes())
     directory = Path(workdir).absolute() / "checkpoints"
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: no checkpoints (train that stage first)")
@@ -113,3 +120,12 @@ def load_params(workdir: str | Path, field: str = "ema_params") -> Any:
     if field not in state:
         raise CheckpointError(f"{directory}/{step}: no field {field!r} (has {sorted(state)})")
     return jax.device_get(state[field])
+
+
+def export_params(workdir: str | Path, path: str | Path, field: str = "ema_params") -> Path:
+    """Writes one field of the newest checkpoint as a standalone msgpack file (for assets/)."""
+    params = load_params(workdir, field)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(flax.serialization.msgpack_serialize(jax.tree.map(np.asarray, params)))
+    return path
