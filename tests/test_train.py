@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from configs.shapes import autoencoder as ae_config
-from flash_jax.train import checkpoint, loop
+from flash_jax.train import checkpoint, loop, tensorboard
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,6 +49,10 @@ def test_run_writes_metrics_samples_and_checkpoints(uninterrupted):
     lines = (workdir / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 6 and '"loss"' in lines[0]
     assert (workdir / "samples" / "step_0000006.png").is_file()
+    (events,) = (workdir / "tensorboard").iterdir()
+    records = tensorboard.read_events(events)
+    assert [r["step"] for r in records if r.get("scalars")] == [1, 2, 3, 4, 5, 6]
+    assert "samples" in records[-1]["images"]
     assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [3, 6]
 
 

@@ -1,7 +1,8 @@
 """The run: restore or init, data, the compiled step, periodic metrics / samples / checkpoints.
 
 Outputs under `workdir`: `checkpoints/<step>/` (Orbax), `metrics.jsonl` (one JSON object per logged
-step), `samples/step_<step>.png` (captioned grids from the EMA parameters), `config.json`.
+step), `tensorboard/` (the same scalars and the sample grids as TensorBoard event files),
+`samples/step_<step>.png` (captioned grids from the EMA parameters), `config.json`.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from tqdm import tqdm
 
 from flash_jax import methods
 from flash_jax.data import shapes, sources
-from flash_jax.train import checkpoint
+from flash_jax.train import checkpoint, tensorboard
 from flash_jax.train.state import TrainState, init_state
 from flash_jax.train.step import compile_train_step, make_train_step
 
@@ -80,11 +81,13 @@ def _raise_non_finite(step: int, metrics: dict[str, float]) -> None:
     )
 
 
-def write_sample_grid(images: np.ndarray, captions: list[str], path: Path) -> None:
-    """Saves uint8 images `(B, H, W, 3)` as a captioned PNG grid."""
+def write_sample_grid(images: np.ndarray, captions: list[str], path: Path):
+    """Saves uint8 images `(B, H, W, 3)` as a captioned PNG grid; returns the PIL image."""
     path.parent.mkdir(parents=True, exist_ok=True)
     examples = [{"image": im, "caption": c} for im, c in zip(images, captions, strict=True)]
-    shapes.grid_image(examples, cols=min(4, len(examples))).save(path)
+    grid = shapes.grid_image(examples, cols=min(4, len(examples)))
+    grid.save(path)
+    return grid
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainState:
@@ -124,13 +127,15 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainState:
 
     start = int(state.step)
     metrics_file = workdir / "metrics.jsonl"
+    is_main = jax.process_index() == 0
+    writer = tensorboard.SummaryWriter(workdir / "tensorboard") if is_main else None
     all_finite = jnp.ones((), jnp.float32)
     progress = tqdm(
         range(start, config.total_steps),
         initial=start,
         total=config.total_steps,
         desc=config.method,
-        disable=jax.process_index() != 0,
+        disable=not is_main,
     )
     for step in progress:
         batch = method.prepare_batch(next(data))
@@ -142,20 +147,24 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainState:
             if values["finite"] < 1.0:
                 _raise_non_finite(done, values)
             progress.set_postfix(loss=f"{values['loss']:.4f}")
-            if jax.process_index() == 0:
+            if is_main:
                 _write_jsonl(metrics_file, {"step": done, **values})
+                writer.scalars(done, values)
         if done % config.checkpoint_every == 0 or done == config.total_steps:
             if float(all_finite) < 1.0:
                 _raise_non_finite(done, {k: float(v) for k, v in jax.device_get(metrics).items()})
             checkpoint.save(manager, state, {"data": data.get_state(), "step": done})
         if sample_fn and (done % config.sample_every == 0 or done == config.total_steps):
             images = sample_fn(state.ema_params, frozen, sample_batch, sample_rng)
-            if jax.process_index() == 0:
-                write_sample_grid(
+            if is_main:
+                grid = write_sample_grid(
                     np.asarray(images),
                     sample_captions,
                     workdir / "samples" / f"step_{done:07d}.png",
                 )
+                writer.image(done, "samples", grid)
+    if writer:
+        writer.close()
     manager.wait_until_finished()
     manager.close()
     return state
