@@ -1,5 +1,6 @@
 """The generic trainer: exact resume (also after SIGKILL), checkpoint fallback, refusals of bad input."""
 
+import json
 import os
 import shutil
 import signal
@@ -159,3 +160,5 @@ def test_sigkill_then_restart_is_bit_identical(uninterrupted, tmp_path):
     restored, _ = checkpoint.restore_latest(manager, checkpoint.abstract_like(expected))
     assert int(restored.step) == 6
     assert_trees_identical(restored, expected)
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]  # lines logged after the last checkpoint were dropped

@@ -12,7 +12,7 @@ from configs.shapes import common
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     variants = set(filter(None, (arg or "").split(",")))
     size = "tiny" if "tiny" in variants else "base"
-    c = common.training("autoencoder", total_steps=3000, sample_every=1000, ema_decay=0.99)
+    c = common.training("autoencoder", total_steps=1000, sample_every=500, ema_decay=0.99)
     c.model = common.model(size)
     c.kl_weight = 1e-6  # KL to N(0, I), small: the latent scale is fixed afterwards
     c.optimizer = common.optimizer(learning_rate=1e-3, warmup_steps=100)

@@ -72,6 +72,15 @@ def _write_jsonl(path: Path, record: dict[str, Any]) -> None:
         f.write(json.dumps(record) + "\n")
 
 
+def _truncate_jsonl(path: Path, last_step: int) -> None:
+    """Drops records logged after `last_step` (by a run killed after its last checkpoint), so a
+    resumed run's metrics have no duplicated steps."""
+    if path.exists():
+        lines = path.read_text().splitlines()
+        kept = [line for line in lines if json.loads(line)["step"] <= last_step]
+        path.write_text("".join(line + "\n" for line in kept))
+
+
 def _raise_non_finite(step: int, metrics: dict[str, float]) -> None:
     shown = ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()))
     raise NonFiniteError(
@@ -128,6 +137,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainState:
     start = int(state.step)
     metrics_file = workdir / "metrics.jsonl"
     is_main = jax.process_index() == 0
+    if is_main:
+        _truncate_jsonl(metrics_file, start)
     writer = tensorboard.SummaryWriter(workdir / "tensorboard") if is_main else None
     all_finite = jnp.ones((), jnp.float32)
     progress = tqdm(
