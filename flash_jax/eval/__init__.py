@@ -1,0 +1,1 @@
+"""Evaluation: the testbed's judge network, Fréchet distances, alignment and colour statistics."""
