@@ -15,13 +15,3 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(CACHE))  # inherited by s
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-
-# Tests check numerics, not speed: skip XLA's expensive CPU optimisation passes (about halves
-# compile time; float32 results are unchanged at the tolerances used here).
-os.environ["XLA_FLAGS"] = " ".join(
-    [
-        os.environ.get("XLA_FLAGS", ""),
-        "--xla_backend_optimization_level=0",
-        "--xla_llvm_disable_expensive_passes=true",
-    ]
-).strip()

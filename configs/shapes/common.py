@@ -55,7 +55,10 @@ def model(size: str = "base", image_size: int = 32) -> ml_collections.ConfigDict
         latent_channels=4,
         norm_num_groups=min(8, vae_ch[0]),
         sample_size=image_size,
-        scaling_factor=1.0,  # set from the trained VAE's latent std (docs/results.md)
+        # Latents = (z − shift) · scale, unit variance and zero mean for the diffusion model: the
+        # stage-1 VAE's posterior means have mean 0.54 and std 2.35 (docs/results.md).
+        scaling_factor=1.0 / 2.35 if size == "base" else 1.0,
+        shift_factor=0.54 if size == "base" else None,
     )
     return ml_collections.ConfigDict(dict(unet=unet, text=text, autoencoder=autoencoder))
 
