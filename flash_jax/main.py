@@ -59,6 +59,7 @@ def sample(config, workdir: str) -> Path:
             "unet": params["unet"],
             "text": checkpoint.load_params(config.teacher_workdir)["text"],
         }
+    model.check(params, workdir)
     vae = checkpoint.load_params(config.autoencoder_workdir)
     sampler = sampling.SamplerConfig(
         num_steps=_STEPS.value, guidance_scale=_GUIDANCE.value, noise_correction=_NC.value

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from flash_jax import diffusion, sampling
+from flash_jax import diffusion, sampling, weights
 from flash_jax.data.tokenizer import WordTokenizer
 from flash_jax.models import autoencoder, text, unet
 
@@ -57,6 +57,14 @@ class T2I:
             "unet": unet.init_params(self.unet, k_unet),
             "text": text.init_params(self.text, k_text),
         }
+
+    def check(self, params: Any, source: str) -> Any:
+        """`params` (`{"unet", "text"}` or a subset), after checking every name and shape against
+        this model: a checkpoint of another configuration is an error naming the tensors."""
+        expected = jax.eval_shape(self.init, jax.random.PRNGKey(0))
+        expected = {k: v for k, v in expected.items() if k in params}
+        weights.check_params_match(params, expected, f"{source} (for this config's model)")
+        return params
 
     def encode_text(self, text_params: Any, tokens: Array) -> Array:
         """Token ids `(B, L)` -> encoder hidden states `(B, L, D)`."""

@@ -122,6 +122,25 @@ def params_from_torch(
     return flax.traverse_util.unflatten_dict(out)
 
 
+def check_params_match(params: Params, abstract: Params, what: str) -> None:
+    """Raises WeightsError listing every missing, unexpected or mis-shaped parameter of `params`
+    against the expected tree `abstract` (arrays or ShapeDtypeStructs)."""
+    expected, got = _flatten(abstract), _flatten(params)
+    problems = [
+        f"missing {'/'.join(p)} shape {tuple(v.shape)}" for p, v in expected.items() if p not in got
+    ]
+    problems += [
+        f"unexpected {'/'.join(p)} shape {np.shape(v)}" for p, v in got.items() if p not in expected
+    ]
+    problems += [
+        f"shape mismatch for {'/'.join(p)}: params {np.shape(got[p])} vs config {tuple(v.shape)}"
+        for p, v in expected.items()
+        if p in got and tuple(np.shape(got[p])) != tuple(v.shape)
+    ]
+    if problems:
+        raise WeightsError(f"{what} params do not match config:\n  " + "\n  ".join(problems))
+
+
 def params_to_torch(params: Params, *, rename: Rename = lambda name: name) -> StateDict:
     """Inverse of `params_from_torch`: `{torch name: float32-or-native numpy array}`, torch layouts."""
     return {
@@ -222,23 +241,7 @@ def clip_text_to_transformers(
       WeightsError: if `params` does not match `config` (names the param and both shapes).
     """
     with_projection = "text_projection" in params
-    expected = _flatten(_clip_text_abstract(config, with_projection))
-    got = _flatten(params)
-    problems = [
-        f"missing {'/'.join(p)} shape {tuple(v.shape)}" for p, v in expected.items() if p not in got
-    ]
-    problems += [
-        f"unexpected {'/'.join(p)} shape {np.shape(v)}" for p, v in got.items() if p not in expected
-    ]
-    problems += [
-        f"shape mismatch for {'/'.join(p)}: params {np.shape(got[p])} vs config {tuple(v.shape)}"
-        for p, v in expected.items()
-        if p in got and tuple(np.shape(got[p])) != tuple(v.shape)
-    ]
-    if problems:
-        raise WeightsError(
-            "CLIP text encoder params do not match config:\n  " + "\n  ".join(problems)
-        )
+    check_params_match(params, _clip_text_abstract(config, with_projection), "CLIP text encoder")
     keep_prefix = with_projection or legacy_names
     return params_to_torch(
         params,
@@ -317,23 +320,6 @@ def _match_1x1_layouts(
     return out
 
 
-def _check_params_match(params: Params, abstract: Params, what: str) -> None:
-    expected, got = _flatten(abstract), _flatten(params)
-    problems = [
-        f"missing {'/'.join(p)} shape {tuple(v.shape)}" for p, v in expected.items() if p not in got
-    ]
-    problems += [
-        f"unexpected {'/'.join(p)} shape {np.shape(v)}" for p, v in got.items() if p not in expected
-    ]
-    problems += [
-        f"shape mismatch for {'/'.join(p)}: params {np.shape(got[p])} vs config {tuple(v.shape)}"
-        for p, v in expected.items()
-        if p in got and tuple(np.shape(got[p])) != tuple(v.shape)
-    ]
-    if problems:
-        raise WeightsError(f"{what} params do not match config:\n  " + "\n  ".join(problems))
-
-
 def _pretrained_folder(folder: str | Path, subfolder: str) -> Path:
     folder = Path(folder)
     if not (folder / "config.json").is_file() and (folder / subfolder / "config.json").is_file():
@@ -372,7 +358,7 @@ def unet_to_diffusers(params: Params, config: Any) -> StateDict:
     Raises:
       WeightsError: if `params` does not match `config` (names the param and both shapes).
     """
-    _check_params_match(params, _diffusers_abstract("unet", config), "UNet")
+    check_params_match(params, _diffusers_abstract("unet", config), "UNet")
     return params_to_torch(params, rename=_unet_rename)
 
 
@@ -402,7 +388,7 @@ def autoencoder_to_diffusers(params: Params, config: Any) -> StateDict:
     Raises:
       WeightsError: if `params` does not match `config` (names the param and both shapes).
     """
-    _check_params_match(params, _diffusers_abstract("autoencoder", config), "AutoencoderKL")
+    check_params_match(params, _diffusers_abstract("autoencoder", config), "AutoencoderKL")
     return params_to_torch(params)
 
 

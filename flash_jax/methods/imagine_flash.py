@@ -217,15 +217,19 @@ def make(config: ml_collections.ConfigDict) -> Method:
     def prepare_batch(raw: dict) -> dict:
         return {"image": np.asarray(raw["image"]), "tokens": tokenizer(list(raw["caption"]))}
 
+    def load_teacher() -> dict[str, Any]:
+        teacher = checkpoint.load_params(config.teacher_workdir)
+        return model.check(teacher, f"teacher {config.teacher_workdir}")
+
     def load_frozen() -> dict[str, Any]:
         return {
-            "teacher": checkpoint.load_params(config.teacher_workdir),
+            "teacher": load_teacher(),
             "vae": checkpoint.load_params(config.autoencoder_workdir),
         }
 
     def init(rng: Array) -> dict[str, Any]:
         del rng  # the student starts as the teacher
-        return {"unet": checkpoint.load_params(config.teacher_workdir)["unet"]}
+        return {"unet": load_teacher()["unet"]}
 
     def conditioning(frozen, tokens):
         context, pooled = model.encode_text_pooled(frozen["teacher"]["text"], tokens)
