@@ -34,12 +34,12 @@ _DISTILL_STEPS = flags.DEFINE_integer("distill_steps", 300, "Imagine Flash updat
 _NUM_IMAGES = flags.DEFINE_integer("num_images", 300, "evaluation prompts (images per entry)")
 
 
-def stage(name: str, config, workdir: Path) -> str:
+def stage(name: str, config, workdir: Path, assets: Path | None) -> str:
     """The shipped parameters of a stage, or a freshly trained run of it."""
-    shipped = ASSETS / f"{name}.msgpack"
-    if shipped.is_file():
+    shipped = assets / f"{name}.msgpack" if assets else None
+    if shipped and shipped.is_file():
         return str(shipped)
-    print(f"[demo] no {shipped}: training the {name} first ({config.total_steps} steps)")
+    print(f"[demo] no shipped {name}: training it first ({config.total_steps} steps)")
     with config.unlocked():
         if "autoencoder_workdir" in config:
             config.autoencoder_workdir = str(workdir / "autoencoder")
@@ -47,52 +47,61 @@ def stage(name: str, config, workdir: Path) -> str:
     return str(workdir / name)
 
 
-def main(argv: list[str]) -> None:
-    del argv
-    absl_logging.set_verbosity(absl_logging.WARNING)
-    workdir = Path(_WORKDIR.value)
-    vae = stage("autoencoder", ae_config.get_config(), workdir)
-    teacher = stage("teacher", teacher_config.get_config(), workdir)
-    judge_dir = stage("judge", judge_config.get_config(), workdir)
+def run_demo(
+    workdir: str | Path,
+    distill_steps: int,
+    num_images: int,
+    variant: str = "",
+    assets: Path | None = ASSETS,
+) -> dict[str, dict[str, float]]:
+    """Distil, evaluate, write the report; returns the metrics rows. `variant="tiny"` runs the whole
+    pipeline on tiny models (tests)."""
+    workdir = Path(workdir)
+    vae = stage("autoencoder", ae_config.get_config(variant), workdir, assets)
+    teacher = stage("teacher", teacher_config.get_config(variant), workdir, assets)
+    judge_dir = stage("judge", judge_config.get_config(variant), workdir, assets)
 
-    config = if_config.get_config("3")
+    config = if_config.get_config(",".join(filter(None, ["3", variant])))
     with config.unlocked():
         config.teacher_workdir, config.autoencoder_workdir = teacher, vae
-        config.total_steps = _DISTILL_STEPS.value
-        config.checkpoint_every = config.sample_every = max(_DISTILL_STEPS.value // 3, 1)
+        config.total_steps = distill_steps
+        config.checkpoint_every = config.sample_every = max(distill_steps // 3, 1)
     print(f"[demo] distilling a 3-step student for {config.total_steps} steps")
     state = loop.train(config, workdir / "imagine_flash")
 
     model = T2I.from_config(config)
     teacher_params = checkpoint.load_params(teacher)
-    guidance = config.imagine_flash.guidance_scale
+    guided = dict(guidance_scale=config.imagine_flash.guidance_scale)
     cfg = sampling.SamplerConfig
-    entries = [
-        evaluate.Entry(
-            "teacher 25 (CFG)", teacher_params["unet"], cfg(num_steps=25, guidance_scale=guidance)
-        ),
-        evaluate.Entry(
-            "teacher 3 (CFG)", teacher_params["unet"], cfg(num_steps=3, guidance_scale=guidance)
-        ),
-    ]
     student = state.ema_params["unet"]
-    for n in (1, 2, 3):
-        entries.append(
+    entries = [
+        evaluate.Entry("teacher 25 (CFG)", teacher_params["unet"], cfg(num_steps=25, **guided)),
+        evaluate.Entry("teacher 3 (CFG)", teacher_params["unet"], cfg(num_steps=3, **guided)),
+        *(
             evaluate.Entry(f"student {n}", student, cfg(num_steps=n, noise_correction=True))
-        )
-    entries.append(evaluate.Entry("student 1, no NC", student, cfg(num_steps=1)))
+            for n in (1, 2, 3)
+        ),
+        evaluate.Entry("student 1, no NC", student, cfg(num_steps=1)),
+    ]
     rows, images, captions = evaluate.evaluate(
         model,
         entries,
         teacher_params["text"],
         checkpoint.load_params(vae),
         judge_dir,
-        num_images=_NUM_IMAGES.value,
+        num_images=num_images,
         image_size=config.data.image_size,
     )
     table = evaluate.write_report(rows, images, captions, workdir / "report")
     print(table)
     print(f"[demo] report: {workdir / 'report'}/results.md, samples.png")
+    return rows
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    run_demo(_WORKDIR.value, _DISTILL_STEPS.value, _NUM_IMAGES.value)
 
 
 if __name__ == "__main__":

@@ -18,12 +18,14 @@ from flash_jax import sampling
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     variants = set(filter(None, (arg or "").split(",")))
     base = teacher.get_config(",".join(variants & {"tiny"}))
-    c = common.training("imagine_flash", total_steps=3000, sample_every=500, ema_decay=0.99)
+    c = common.training(
+        "imagine_flash", batch_size=16, total_steps=600, sample_every=200, ema_decay=0.99
+    )
     c.model, c.schedule, c.data = base.model, base.schedule, base.data
     c.teacher_workdir = "runs/shapes/teacher"  # the trained stage-2 teacher (frozen)
     c.autoencoder_workdir = "runs/shapes/autoencoder"  # the trained stage-1 VAE (frozen)
-    c.optimizer = common.optimizer(learning_rate=5e-5, warmup_steps=100)
-    c.disc_optimizer = common.optimizer(learning_rate=1e-4, warmup_steps=100)
+    c.optimizer = common.optimizer(learning_rate=1e-4, warmup_steps=50)
+    c.disc_optimizer = common.optimizer(learning_rate=1e-4, warmup_steps=50)
     c.imagine_flash = ml_collections.ConfigDict(
         dict(
             student_steps=[3],  # N; several values = one student serving all of them
@@ -35,7 +37,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
             gamma_b=0.0,  # γ offset
             gamma_shift=0.5,  # s of the "sd3" shift
             gamma_jitter=0.0,  # uniform ± jitter of t_Φ in timesteps
-            teacher_steps=4,  # k: teacher solve steps from t_Φ to 0
+            teacher_steps=2,  # k: teacher solve steps from t_Φ to 0
             teacher_sampler="ddim",  # "ddim" | "dpmpp_2m"
             guidance_scale=base.sample.guidance_scale,  # teacher CFG inside the solve
             guidance_rescale=0.0,  # teacher CFG rescale φ
@@ -63,7 +65,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     if "tiny" in variants:
         c.batch_size, c.total_steps, c.log_every = 2, 4, 1
         c.checkpoint_every, c.sample_every, c.num_samples = 2, 4, 2
-        c.imagine_flash.teacher_steps = 2
+        c.imagine_flash.teacher_steps = 1
         c.imagine_flash.disc_width = 8
     c.sample = ml_collections.ConfigDict(
         dataclasses.asdict(

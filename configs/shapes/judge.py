@@ -15,19 +15,20 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c = common.training(
         "judge",
         batch_size=32,
-        total_steps=3000,
+        total_steps=6000,
         checkpoint_every=500,
+        log_every=25,
         sample_every=10**9,  # the judge draws no samples
         num_samples=1,
-        ema_decay=0.995,
+        ema_decay=0.999,
     )
     c.optimizer = common.optimizer(learning_rate=1e-3, warmup_steps=100)
     c.model = ml_collections.ConfigDict(
         dict(
             judge=dict(
-                stem=16,  # channels of a full-resolution conv first (0: none)
-                channels=(32, 64, 96),  # per stride-2 stage; grid = image_size / 2**len
-                features=128,  # last conv: feeds the heads; its mean is the FD-judge feature
+                stem=32,  # channels of a full-resolution conv first (0: none): textures
+                channels=(48, 96),  # per stride-2 stage; grid = image_size / 2**len = 8
+                features=96,  # last conv: feeds the heads; its mean is the FD-judge feature
                 remat=False,  # rematerialise stages in the backward pass
             )
         )
@@ -40,7 +41,6 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         )
     )
     c.channel_permute_fraction = 0.5  # images with permuted RGB (no color loss): color invariance
-    c.heldout_fraction = 0.0  # share of each batch swapped for (disjoint) held-out-pair records
     if "quick" in variants:
         c.total_steps, c.checkpoint_every, c.log_every = 300, 300, 25
     if "tiny" in variants:

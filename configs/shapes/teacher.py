@@ -16,7 +16,7 @@ from flash_jax import sampling
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     variants = set(filter(None, (arg or "").split(",")))
-    c = common.training("denoising", total_steps=4000, sample_every=1000)
+    c = common.training("denoising", total_steps=3000, sample_every=1000)
     c.model = common.model("base")
     c.schedule = ml_collections.ConfigDict(
         dict(

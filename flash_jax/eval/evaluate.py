@@ -29,6 +29,7 @@ from flash_jax import sampling
 from flash_jax.data import shapes
 from flash_jax.eval import judge, metrics
 from flash_jax.pipeline import T2I
+from flash_jax.train import checkpoint
 
 COLUMNS = ("fd_judge", *shapes.CATEGORIES, "mean", "chroma", "contrast", "nfe")
 
@@ -108,7 +109,11 @@ def evaluate(
     image_size: int = 32,
 ) -> tuple[dict[str, dict[str, float]], dict[str, np.ndarray], list[str]]:
     """`(rows, images, captions)`: a metrics row and the generated images per entry (plus "real")."""
-    judge_params, judge_config, _ = judge.load_judge(judge_workdir)
+    if Path(judge_workdir).suffix == ".msgpack":  # shipped params (assets/)
+        judge_params = checkpoint.load_params(judge_workdir)
+        judge_config = judge.config_from_params(judge_params)
+    else:
+        judge_params, judge_config, _ = judge.load_judge(judge_workdir)
     real, labels = judge.real_examples(split, num_images, data_seed, image_size)
     captions = [str(c) for c in labels["caption"]]
     tokens = model.tokenizer()(captions)
@@ -137,6 +142,7 @@ def sample_grid(
 ) -> Image.Image:
     """Rows = entries (labelled), columns = the first `num` prompts (captioned on top)."""
     names = list(images)
+    num = min(num, len(captions))
     h, w = next(iter(images.values())).shape[1:3]
     cw, ch = w * scale, h * scale
     font = ImageFont.load_default(size=11)
