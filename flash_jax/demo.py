@@ -30,7 +30,7 @@ from flash_jax.train import checkpoint, loop
 ASSETS = Path(__file__).resolve().parents[1] / "assets" / "shapes"
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "where the demo writes everything")
-_DISTILL_STEPS = flags.DEFINE_integer("distill_steps", 300, "Imagine Flash updates")
+_DISTILL_STEPS = flags.DEFINE_integer("distill_steps", 600, "Imagine Flash updates")
 _NUM_IMAGES = flags.DEFINE_integer("num_images", 300, "evaluation prompts (images per entry)")
 
 
