@@ -4,7 +4,8 @@
 
 Random weights (teacher = student at init, random VAE): timing does not depend on training. Parts,
 each jitted alone: the student rollout (no grad), the student forward+backward on x̂0, the teacher
-k-step CFG solve, the discriminator (teacher features + heads, generator and discriminator sides).
+k-step CFG solve, the discriminator update (its own side only: the generator's adversarial pass and
+the optimizer/EMA updates are not yet timed separately, so the parts undercount the step).
 Prints a table (ms per call, share of the sum) and the number of compiled executables of the fused
 step after several calls (must be 1), and writes JSON.
 """

@@ -183,3 +183,12 @@ def test_discriminator_learns_to_separate_features():
     assert float(jnp.mean(d.apply({"params": params}, real, t, pooled))) > float(
         jnp.mean(d.apply({"params": params}, fake, t, pooled))
     )
+
+
+def test_one_step_student_rollout_is_the_initial_noise(setup):
+    """With N = 1 every student input is x_T itself (no sampler step is ever needed)."""
+    model, params, context, x_T, _ = setup
+    plans, _ = ifl.student_plans(model.schedule, (1,), noise_correction=True)
+    zeros = jnp.zeros((B,), jnp.int32)
+    got = ifl.rollout(model, params["unet"], x_T, plans, zeros, zeros, context, True)
+    np.testing.assert_array_equal(got, x_T)

@@ -136,9 +136,10 @@ def rollout(
 ) -> Array:
     """x^Θ_{T→t}: the student's own sampler (plan `which[b]` of `plans`) run `i[b]` steps from x_T,
     under stop-gradient. `plans` are `student_plans` arrays; `which`, `i`: int `(B,)`."""
-    per_sample = {k: jnp.asarray(v)[which].T for k, v in plans.items()}  # (N_max, B)
-    n_max = per_sample["t"].shape[0]
-    config = sampling.SamplerConfig(num_steps=n_max, noise_correction=noise_correction)
+    # i < N: the last step of a plan is never part of a rollout, so it is not computed at all.
+    per_sample = {k: jnp.asarray(v)[which].T[:-1] for k, v in plans.items()}  # (N_max − 1, B)
+    n_steps = per_sample["t"].shape[0]
+    config = sampling.SamplerConfig(num_steps=max(n_steps, 1), noise_correction=noise_correction)
     x_t, _ = sampling.run_plan(
         unet_fn(model),
         unet_params,
