@@ -112,9 +112,8 @@ class T2I:
             self.encode_text(params["text"], uncond_tokens) if config.guidance_scale != 1 else None
         )
         steps = dataclasses.asdict(sampling.plan(self.schedule, config))
-        apply_fn = lambda p, x, t, c: self.apply_unet(p, x, t, c)  # noqa: E731
         latents, _ = sampling.run_plan(
-            apply_fn,
+            self.apply_unet,
             params["unet"],
             x_T,
             steps,

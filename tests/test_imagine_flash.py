@@ -44,7 +44,7 @@ def test_rollout_equals_running_the_sampler(setup):
         expected = x_T
         if i:
             expected, _ = sampling.run_plan(
-                ifl.unet_fn(model),
+                model.apply_unet,
                 params["unet"],
                 x_T,
                 steps,

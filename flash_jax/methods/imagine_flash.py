@@ -119,11 +119,6 @@ def _bcast(v: Array) -> Array:
     return v.reshape((*v.shape, 1, 1, 1))
 
 
-def unet_fn(model: T2I):
-    """`(params, x, t, context) -> output` of the model's UNet (the samplers' apply_fn)."""
-    return lambda p, x, t, c: model.apply_unet(p, x, t, c)
-
-
 def rollout(
     model: T2I,
     unet_params: Any,
@@ -141,7 +136,7 @@ def rollout(
     n_steps = per_sample["t"].shape[0]
     config = sampling.SamplerConfig(num_steps=max(n_steps, 1), noise_correction=noise_correction)
     x_t, _ = sampling.run_plan(
-        unet_fn(model),
+        model.apply_unet,
         unet_params,
         x_T,
         per_sample,
@@ -198,7 +193,14 @@ def srl_target(
         guidance_rescale=ifc.guidance_rescale,
     )
     x0_teacher, _ = sampling.run_plan(
-        unet_fn(model), teacher_unet, chi, solve, context, uncond, config, schedule.prediction_type
+        model.apply_unet,
+        teacher_unet,
+        chi,
+        solve,
+        context,
+        uncond,
+        config,
+        schedule.prediction_type,
     )
     return jax.lax.stop_gradient(x0_teacher), t_phi
 
