@@ -101,11 +101,12 @@ class T2I:
         uncond_tokens: Array,
         x_T: Array,
         config: sampling.SamplerConfig,
+        rng: Array | None = None,
     ) -> Array:
         """Samples latents from noise `x_T` for prompts `tokens` and decodes them: uint8 images.
 
         Traceable (call inside jit). `uncond_tokens` is the empty prompt, used when
-        `config.guidance_scale != 1`.
+        `config.guidance_scale != 1`; `rng` is needed by stochastic samplers (DDIM with eta > 0).
         """
         cond = self.encode_text(params["text"], tokens)
         uncond = (
@@ -121,5 +122,6 @@ class T2I:
             uncond,
             config,
             self.schedule.prediction_type,
+            rng,
         )
         return self.to_images(vae_params, latents)

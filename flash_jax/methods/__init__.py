@@ -33,6 +33,16 @@ class Method:
       prepare_batch: host-side `raw numpy batch -> dict of arrays` for the step (tokenize
         captions, scale images); runs outside jit, must drop non-array fields such as captions.
       sample: `(params, frozen, batch, rng) -> uint8 images (B, H, W, 3)` for periodic grids, or None.
+      generate: `(params, frozen, tokens, x_T, rng, num_steps) -> uint8 images (B, H, W, 3)`, or
+        None: the trained generator's own sampler at `num_steps` steps (a static int) from the
+        initial noise `x_T` `(B, h, w, c)` for token ids `(B, L)`; `rng` drives stochastic
+        samplers. Traceable; what evaluation (flash_jax/eval/evaluate.py) calls for a checkpoint
+        of this method, so every method is compared on the same prompts and noise.
+      post_update: `(params, new_params) -> new_params`, or None: runs in the compiled step right
+        after the optimizer update (`params` are the values before it, `new_params` after) and
+        returns the parameters to keep. For per-step state that is not learned by gradient, kept
+        inside the trainable pytree under stop-gradient: e.g. LCM's EMA target network
+        `target ← μ·target + (1 − μ)·student`. Without it the update is kept as is.
     """
 
     init: Callable[[jax.Array], PyTree]
@@ -42,6 +52,8 @@ class Method:
     init_discriminator: Callable[[jax.Array], PyTree] | None = None
     discriminator_loss: Callable[..., tuple[jax.Array, dict[str, jax.Array]]] | None = None
     sample: Callable[..., jax.Array] | None = None
+    generate: Callable[..., jax.Array] | None = None
+    post_update: Callable[[PyTree, PyTree], PyTree] | None = None
 
 
 def get(name: str) -> Callable[[Any], Method]:
@@ -52,4 +64,6 @@ def get(name: str) -> Callable[[Any], Method]:
         if e.name != f"flash_jax.methods.{name}":
             raise
         raise ValueError(f"config.method={name!r}: no module flash_jax/methods/{name}.py") from None
+    if not hasattr(module, "make"):
+        raise ValueError(f"config.method={name!r}: flash_jax/methods/{name}.py is not a method")
     return module.make

@@ -1,11 +1,13 @@
 """The diffusion loss: trains a text-to-image teacher (UNet + text encoder) on frozen-VAE latents.
 
 config reads: model.*, schedule.*, cfg_dropout (probability of the empty prompt, for CFG),
-autoencoder_workdir (where the frozen VAE was trained), sample.* (the grid sampler).
+autoencoder_workdir (where the frozen VAE was trained), sample.* (the sampler of the grids and of
+`generate`, which evaluation calls with its own step counts).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -69,10 +71,17 @@ def make(config: ml_collections.ConfigDict) -> Method:
         uncond = jnp.broadcast_to(empty_tokens, batch["tokens"].shape)
         return model.generate(params, frozen["vae"], batch["tokens"], uncond, x_T, grid_sampler)
 
+    def generate(params, frozen, tokens, x_T, rng, num_steps: int):
+        """The teacher sampled with `config.sample` (CFG included) at `num_steps` steps."""
+        uncond = jnp.broadcast_to(empty_tokens, tokens.shape)
+        sampler = dataclasses.replace(grid_sampler, num_steps=num_steps)
+        return model.generate(params, frozen["vae"], tokens, uncond, x_T, sampler, rng)
+
     return Method(
         init=model.init,
         load_frozen=load_frozen,
         generator_loss=generator_loss,
         prepare_batch=prepare_batch,
         sample=sample,
+        generate=generate,
     )

@@ -28,6 +28,9 @@ def make_train_step(
 ) -> Callable[[TrainState, Any, dict], tuple[TrainState, dict[str, jax.Array]]]:
     """The uncompiled step `(state, frozen, batch) -> (state, metrics)`; see `compile_train_step`.
 
+    Order: generator loss and gradient, optimizer update, the method's `post_update` (if any),
+    discriminator update (if any), EMA of the kept parameters.
+
     Metrics are scalars: `loss`, `grad_norm`, the method's aux, `disc_*` with a discriminator, and
     `finite` (1.0 when every loss and gradient norm is finite) which the loop checks before it
     writes anything.
@@ -41,6 +44,8 @@ def make_train_step(
         fake = aux.pop("fake", None)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        if method.post_update is not None:
+            params = method.post_update(state.params, params)
         grad_norm = optax.tree.norm(grads)
         metrics = {"loss": loss, "grad_norm": grad_norm, **aux}
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
