@@ -194,3 +194,18 @@ def predict_x0_eps(
     if prediction_type == "sample":
         return model_output, eps_from_x0(x, model_output, alpha, sigma)
     raise ValueError(f"prediction_type={prediction_type!r} is not epsilon/v_prediction/sample")
+
+
+def model_output_from_x0(
+    x0: jnp.ndarray, x: jnp.ndarray, alpha, sigma, prediction_type: PredictionType
+) -> jnp.ndarray:
+    """The model output of `prediction_type` whose clean estimate at (x, α, σ) is `x0` (the inverse
+    of `predict_x0_eps`'s x̂0): lets a sampler run a model parameterised another way, e.g. a
+    consistency function. ε needs σ > 0 (every training timestep)."""
+    if prediction_type == "epsilon":
+        return eps_from_x0(x, x0, alpha, sigma)
+    if prediction_type == "v_prediction":
+        return v_target(x0, eps_from_x0(x, x0, alpha, sigma), alpha, sigma)
+    if prediction_type == "sample":
+        return x0
+    raise ValueError(f"prediction_type={prediction_type!r} is not epsilon/v_prediction/sample")

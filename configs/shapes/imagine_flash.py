@@ -67,10 +67,13 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.checkpoint_every, c.sample_every, c.num_samples = 2, 4, 2
         c.imagine_flash.teacher_steps = 1
         c.imagine_flash.disc_width = 8
+    # The student's sampler (grids and evaluation; evaluation sets num_steps). The "no_nc"
+    # ablation samples without noise correction too.
     c.sample = ml_collections.ConfigDict(
         dataclasses.asdict(
             sampling.SamplerConfig(
-                num_steps=max(c.imagine_flash.student_steps), noise_correction=True
+                num_steps=max(c.imagine_flash.student_steps),
+                noise_correction=c.imagine_flash.rollout_noise_correction,
             )
         )
     )

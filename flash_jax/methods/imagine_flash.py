@@ -11,8 +11,9 @@ One generator step, all inside the trainer's single compiled program:
   x̂0^Φ = stopgrad(teacher k-step CFG solve from χ at t_Φ down to 0)
   L     = w(t)·‖x̂0^Φ − x̂0^Θ‖² + λ_adv·L_adv^G(D(teacher features of re-noised x̂0^Θ))
 
-The discriminator (models/discriminator.py) sees real latents and the student's x̂0^Θ re-noised to
-a random level, through the FROZEN teacher UNet's down/mid features, with trainable heads.
+The discriminator (`common.LatentDiscriminator`, shared with ADD) sees real latents and the
+student's x̂0^Θ re-noised to a random level, through the FROZEN teacher UNet's down/mid features,
+with trainable heads. Samples (grids, evaluation) use `config.sample` at the requested step count.
 
 config reads: model.*, schedule.*, teacher_workdir, autoencoder_workdir, and `imagine_flash.*`
 (see configs/shapes/imagine_flash.py for every knob and its default).
@@ -29,7 +30,7 @@ import ml_collections
 import numpy as np
 
 from flash_jax import diffusion, sampling
-from flash_jax.methods import Method
+from flash_jax.methods import Method, common
 from flash_jax.models import discriminator as disc_lib
 from flash_jax.pipeline import T2I
 from flash_jax.train import checkpoint
@@ -213,12 +214,9 @@ def make(config: ml_collections.ConfigDict) -> Method:
     empty_tokens = tokenizer([""])[0]
     steps = ifc.student_steps
     plans, ts_table = student_plans(schedule, steps, ifc.rollout_noise_correction)
-    grid_cfg = sampling.SamplerConfig(num_steps=max(steps), noise_correction=True)
-    discriminator = disc_lib.Discriminator(width=ifc.disc_width)
+    sampler = sampling.SamplerConfig(**config.sample.to_dict())
+    discriminator = common.LatentDiscriminator(model, ifc.disc_width, ifc.disc_t_max)
     adversarial = ifc.adv_weight > 0
-
-    def prepare_batch(raw: dict) -> dict:
-        return {"image": np.asarray(raw["image"]), "tokens": tokenizer(list(raw["caption"]))}
 
     def load_teacher() -> dict[str, Any]:
         teacher = checkpoint.load_params(config.teacher_workdir)
@@ -235,11 +233,7 @@ def make(config: ml_collections.ConfigDict) -> Method:
         return {"unet": load_teacher()["unet"]}
 
     def conditioning(frozen, tokens):
-        context, pooled = model.encode_text_pooled(frozen["teacher"]["text"], tokens)
-        uncond = model.encode_text(
-            frozen["teacher"]["text"], jnp.broadcast_to(empty_tokens, tokens.shape)
-        )
-        return context, pooled, uncond
+        return common.text_conditioning(model, frozen["teacher"]["text"], tokens, empty_tokens)
 
     def student_input(params, frozen, batch, rng, context):
         """(x_t, t): per sample a student step count N and a rollout depth i < N, t = s_i."""
@@ -259,22 +253,6 @@ def make(config: ml_collections.ConfigDict) -> Method:
             x_t = diffusion.add_noise(x0_real, x_T, alpha, sigma)
         return x_t, t
 
-    def disc_logits(disc_params, frozen, x0, context, pooled, rng):
-        """D on x0 re-noised to a random level t_d ∈ [0, disc_t_max)."""
-        k_t, k_eps = jax.random.split(rng)
-        b = x0.shape[0]
-        t_d = jax.random.randint(k_t, (b,), 0, ifc.disc_t_max)
-        a, s = (_bcast(v) for v in schedule.alpha_sigma(t_d))
-        noisy = diffusion.add_noise(x0, jax.random.normal(k_eps, x0.shape), a, s)
-        _, features = model.apply_unet(
-            frozen["teacher"]["unet"],
-            noisy,
-            t_d.astype(jnp.float32),
-            context,
-            return_features=True,
-        )
-        return discriminator.apply({"params": disc_params}, features, t_d, pooled)
-
     def generator_loss(params, frozen, batch, rng, disc_params=None):
         k_student, k_srl, k_adv = jax.random.split(rng, 3)
         context, pooled, uncond = conditioning(frozen, batch["tokens"])
@@ -290,43 +268,37 @@ def make(config: ml_collections.ConfigDict) -> Method:
         aux = {"srl": srl, "t_phi": jnp.mean(t_phi.astype(jnp.float32))}
         loss = srl
         if adversarial:
-            logits = disc_logits(disc_params, frozen, x0_student, context, pooled, k_adv)
+            logits = discriminator.logits(
+                disc_params, frozen["teacher"]["unet"], x0_student, context, pooled, k_adv
+            )
             adv = disc_lib.hinge_generator_loss(logits)
             loss = loss + ifc.adv_weight * adv
             aux |= {"adv": adv, "fake": x0_student}
         return loss, aux
 
     def init_discriminator(rng: Array) -> Any:
-        frozen = load_frozen()
-        x = jnp.zeros(model.latent_shape(1, config.data.image_size))
-        context, pooled, _ = conditioning(frozen, jnp.asarray(empty_tokens)[None])
-        _, features = model.apply_unet(
-            frozen["teacher"]["unet"], x, jnp.zeros((1,)), context, return_features=True
+        teacher = load_teacher()
+        return discriminator.init(
+            rng, teacher["unet"], teacher["text"], empty_tokens, config.data.image_size
         )
-        return discriminator.init(rng, features, jnp.zeros((1,)), pooled)["params"]
 
     def discriminator_loss(disc_params, fake, frozen, batch, rng):
         k_real, k_fake, k_lat = jax.random.split(rng, 3)
         context, pooled, _ = conditioning(frozen, batch["tokens"])
         real = model.to_latents(frozen["vae"], batch["image"], k_lat)
-        real_logits = disc_logits(disc_params, frozen, real, context, pooled, k_real)
-        fake_logits = disc_logits(disc_params, frozen, fake, context, pooled, k_fake)
-        loss = disc_lib.hinge_discriminator_loss(real_logits, fake_logits)
-        return loss, {"real": jnp.mean(real_logits), "fake": jnp.mean(fake_logits)}
+        teacher_unet = frozen["teacher"]["unet"]
+        return discriminator.loss(
+            disc_params, teacher_unet, real, fake, context, pooled, k_real, k_fake
+        )
 
-    def sample(params, frozen, batch, rng):
-        b = batch["tokens"].shape[0]
-        x_T = jax.random.normal(rng, model.latent_shape(b, batch["image"].shape[1]))
-        student = {"unet": params["unet"], "text": frozen["teacher"]["text"]}
-        uncond = jnp.broadcast_to(empty_tokens, batch["tokens"].shape)
-        return model.generate(student, frozen["vae"], batch["tokens"], uncond, x_T, grid_cfg)
-
+    generate = common.student_generate(model, sampler, empty_tokens)
     return Method(
         init=init,
         load_frozen=load_frozen,
         generator_loss=generator_loss,
-        prepare_batch=prepare_batch,
+        prepare_batch=common.prepare_batch_fn(tokenizer),
         init_discriminator=init_discriminator if adversarial else None,
         discriminator_loss=discriminator_loss if adversarial else None,
-        sample=sample,
+        sample=common.grid_sample(model, generate, sampler.num_steps),
+        generate=generate,
     )

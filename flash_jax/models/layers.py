@@ -165,6 +165,15 @@ def timestep_embedding(
     return emb
 
 
+def guidance_embedding(w: Array, dim: int) -> Array:
+    """Embedding of guidance weights `w` `(N,)` -> `(N, dim)` float32 (the UNet's `timestep_cond`
+    for guidance-conditioned students: LCM, guided step distillation). Same numbers as diffusers'
+    `get_guidance_scale_embedding`: the sinusoidal timestep embedding of `1000·w` with [sin, cos]
+    halves and frequencies `10000^(−i/(dim/2 − 1))`. `w` is the weight of `c + w·(c − u)`, i.e.
+    the CFG scale minus one."""
+    return timestep_embedding(1000.0 * jnp.asarray(w, jnp.float32), dim, freq_shift=1.0)
+
+
 class TimestepEmbedding(nn.Module):
     """MLP `linear_1 -> SiLU -> linear_2` on an embedding `(B, D_in)` -> `(B, time_embed_dim)`.
 

@@ -1,0 +1,220 @@
+"""Pieces several methods share (this module is not a method: `config.method=common` is an error).
+
+- `prepare_batch_fn`, `text_conditioning`: the host-side batch and the prompt embeddings.
+- `alpha_sigma`, `predict_x0`: a network's clean estimate at integer timesteps.
+- `LatentDiscriminator`: the LADD-style discriminator over the frozen teacher UNet's features
+  (METHOD.md §4), shared by Imagine Flash and ADD: logits, initialisation, hinge loss with an
+  optional R1 penalty.
+- Guidance-conditioned students (LCM, guided step distillation): `with_guidance_input` (the UNet
+  also reads the guidance weight w through diffusers' `timestep_cond`), `student_from_teacher`
+  (the teacher's weights, the new guidance projection at zero) and `guided_apply`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flash_jax import diffusion, sampling, weights
+from flash_jax.data.tokenizer import WordTokenizer
+from flash_jax.models import discriminator as disc_lib
+from flash_jax.models import layers, unet
+from flash_jax.pipeline import T2I
+
+Array = jax.Array
+
+
+def prepare_batch_fn(tokenizer: WordTokenizer) -> Callable[[dict], dict]:
+    """Host-side `raw batch -> {"image": uint8 (B, H, W, 3), "tokens": int32 (B, L)}`."""
+
+    def prepare_batch(raw: dict) -> dict:
+        return {"image": np.asarray(raw["image"]), "tokens": tokenizer(list(raw["caption"]))}
+
+    return prepare_batch
+
+
+def text_conditioning(
+    model: T2I, text_params: Any, tokens: Array, empty_tokens: Array
+) -> tuple[Array, Array, Array]:
+    """`(context (B, L, D), pooled (B, D), uncond (B, L, D))`: the prompts' hidden states, their
+    pooled embedding, and the empty prompt's hidden states (the CFG unconditional branch)."""
+    context, pooled = model.encode_text_pooled(text_params, tokens)
+    uncond = model.encode_text(text_params, jnp.broadcast_to(empty_tokens, tokens.shape))
+    return context, pooled, uncond
+
+
+def alpha_sigma(schedule: diffusion.Schedule, t: Array) -> tuple[Array, Array]:
+    """α_t, σ_t at integer timesteps `t` `(B,)`, shaped `(B, 1, 1, 1)` for NHWC latents."""
+    return tuple(v.reshape((*v.shape, 1, 1, 1)) for v in schedule.alpha_sigma(t))
+
+
+def predict_x0(
+    model: T2I,
+    apply_fn: sampling.ApplyFn,
+    unet_params: Any,
+    x_t: Array,
+    t: Array,
+    cond: Any,
+) -> tuple[Array, Array]:
+    """`(x̂0, ε̂)` of `apply_fn(unet_params, x_t, t, cond)` at integer timesteps `t` `(B,)`."""
+    out = apply_fn(unet_params, x_t, t.astype(jnp.float32), cond)
+    alpha, sigma = alpha_sigma(model.schedule, t)
+    return diffusion.predict_x0_eps(out, x_t, alpha, sigma, model.schedule.prediction_type)
+
+
+# ------------------------------------------------------------------------ latent discriminator
+
+
+@dataclasses.dataclass(frozen=True)
+class LatentDiscriminator:
+    """Trainable heads (models/discriminator.py) over the frozen teacher UNet's down/mid features
+    of a clean latent re-noised to a random level `t_d ~ U[0, t_max)`; conditioned on t_d and the
+    pooled prompt. Hinge loss; `r1_weight > 0` adds `r1_weight·E‖∇_x D(x_real)‖²` (the gradient
+    with respect to the real latents, through the frozen features)."""
+
+    model: T2I
+    width: int = 64
+    t_max: int = 750
+    r1_weight: float = 0.0
+
+    @property
+    def heads(self) -> disc_lib.Discriminator:
+        return disc_lib.Discriminator(width=self.width)
+
+    def logits(
+        self,
+        disc_params: Any,
+        teacher_unet: Any,
+        x0: Array,
+        context: Array,
+        pooled: Array,
+        rng: Array,
+    ) -> Array:
+        """D of clean latents `x0` `(B, h, w, c)`, re-noised with `rng`: logits `(B,)`."""
+        k_t, k_eps = jax.random.split(rng)
+        b = x0.shape[0]
+        t_d = jax.random.randint(k_t, (b,), 0, self.t_max)
+        a, s = alpha_sigma(self.model.schedule, t_d)
+        noisy = diffusion.add_noise(x0, jax.random.normal(k_eps, x0.shape), a, s)
+        _, features = self.model.apply_unet(
+            teacher_unet, noisy, t_d.astype(jnp.float32), context, return_features=True
+        )
+        return self.heads.apply({"params": disc_params}, features, t_d, pooled)
+
+    def init(
+        self, rng: Array, teacher_unet: Any, text_params: Any, empty_tokens: Array, image_size: int
+    ) -> Any:
+        """Fresh head parameters (shapes read off the teacher's features at `image_size`)."""
+        x = jnp.zeros(self.model.latent_shape(1, image_size))
+        context, pooled = self.model.encode_text_pooled(
+            text_params, jnp.asarray(empty_tokens)[None]
+        )
+        _, features = self.model.apply_unet(
+            teacher_unet, x, jnp.zeros((1,)), context, return_features=True
+        )
+        return self.heads.init(rng, features, jnp.zeros((1,)), pooled)["params"]
+
+    def loss(
+        self,
+        disc_params: Any,
+        teacher_unet: Any,
+        real: Array,
+        fake: Array,
+        context: Array,
+        pooled: Array,
+        real_rng: Array,
+        fake_rng: Array,
+    ) -> tuple[Array, dict[str, Array]]:
+        """Hinge loss (+ R1) of real and fake clean latents; aux: mean logits (and `r1`)."""
+
+        def real_logits_fn(x):
+            return self.logits(disc_params, teacher_unet, x, context, pooled, real_rng)
+
+        real_logits = real_logits_fn(real)
+        fake_logits = self.logits(disc_params, teacher_unet, fake, context, pooled, fake_rng)
+        loss = disc_lib.hinge_discriminator_loss(real_logits, fake_logits)
+        aux = {"real": jnp.mean(real_logits), "fake": jnp.mean(fake_logits)}
+        if self.r1_weight > 0:
+            grad = jax.grad(lambda x: jnp.sum(real_logits_fn(x)))(real)
+            r1 = jnp.mean(jnp.sum(grad**2, axis=tuple(range(1, grad.ndim))))
+            loss = loss + self.r1_weight * r1
+            aux["r1"] = r1
+        return loss, aux
+
+
+# ------------------------------------------------------------------ guidance-conditioned students
+
+
+def with_guidance_input(model: T2I, dim: int) -> T2I:
+    """`model` whose UNet also reads a guidance embedding of width `dim` (`time_cond_proj_dim`)."""
+    if dim < 2:
+        raise ValueError(f"guidance embedding width {dim} must be >= 2")
+    return dataclasses.replace(model, unet=dataclasses.replace(model.unet, time_cond_proj_dim=dim))
+
+
+def student_from_teacher(student_model: T2I, teacher_unet: Any) -> Any:
+    """The teacher's UNet params in the student's structure: every tensor the teacher has, and
+    zeros for the ones it lacks (the guidance projection `time_embedding/cond_proj`), so the
+    student starts as the conditional teacher whatever w it is given."""
+    expected = jax.eval_shape(
+        lambda k: unet.init_params(student_model.unet, k), jax.random.PRNGKey(0)
+    )
+    flat_teacher = flax.traverse_util.flatten_dict(teacher_unet)
+    flat_expected = flax.traverse_util.flatten_dict(expected)
+    unused = sorted("/".join(k) for k in set(flat_teacher) - set(flat_expected))
+    if unused:
+        raise ValueError(f"teacher UNet tensors the student does not have: {unused[:5]}")
+    student = {k: flat_teacher.get(k, np.zeros(v.shape, v.dtype)) for k, v in flat_expected.items()}
+    student = flax.traverse_util.unflatten_dict(student)
+    weights.check_params_match(student, expected, "student from teacher")
+    return student
+
+
+def guided_apply(model: T2I) -> sampling.ApplyFn:
+    """`apply_fn(unet_params, x, t, cond)` of a guidance-conditioned UNet, with
+    `cond = {"context": (B, L, D), "w": (B,)}` (w: the CFG weight, scale − 1)."""
+    dim = model.unet.time_cond_proj_dim
+    if dim is None:
+        raise ValueError("guided_apply needs a model from with_guidance_input")
+
+    def apply(unet_params: Any, x: Array, t: Array, cond: dict) -> Array:
+        emb = layers.guidance_embedding(cond["w"], dim)
+        return model.apply_unet(unet_params, x, t, cond["context"], timestep_cond=emb)
+
+    return apply
+
+
+# ------------------------------------------------------------------------------------ sampling
+
+
+def student_generate(
+    model: T2I, sampler: sampling.SamplerConfig, empty_tokens: Array
+) -> Callable[..., Array]:
+    """`Method.generate` of a student UNet sampled like a plain diffusion model (`sampler` at the
+    requested step count) with the frozen teacher's text encoder: `params = {"unet"}`,
+    `frozen = {"teacher": {"text", ...}, "vae"}`."""
+
+    def generate(params, frozen, tokens, x_T, rng, num_steps: int):
+        student = {"unet": params["unet"], "text": frozen["teacher"]["text"]}
+        uncond = jnp.broadcast_to(empty_tokens, tokens.shape)
+        steps_cfg = dataclasses.replace(sampler, num_steps=num_steps)
+        return model.generate(student, frozen["vae"], tokens, uncond, x_T, steps_cfg, rng)
+
+    return generate
+
+
+def grid_sample(model: T2I, generate: Callable[..., Array], num_steps: int) -> Callable[..., Array]:
+    """`Method.sample` (periodic grids) from `generate`: noise from `rng`, `num_steps` steps."""
+
+    def sample(params, frozen, batch, rng):
+        b = batch["tokens"].shape[0]
+        x_T = jax.random.normal(rng, model.latent_shape(b, batch["image"].shape[1]))
+        return generate(params, frozen, batch["tokens"], x_T, rng, num_steps)
+
+    return sample
