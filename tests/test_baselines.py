@@ -1,0 +1,460 @@
+"""The baselines (METHOD.md §6) on tiny random models: LCM, guided step distillation, ADD; the
+generic `Method.post_update` hook; the shared guidance embedding and discriminator R1 term."""
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from configs.shapes import add as add_config
+from configs.shapes import lcm as lcm_config
+from configs.shapes import step_distill as sd_config
+from flash_jax import diffusion, methods, sampling
+from flash_jax.data import shapes
+from flash_jax.methods import add, common, lcm, step_distill
+from flash_jax.models import layers
+from flash_jax.pipeline import T2I
+from flash_jax.train import checkpoint, loop
+from flash_jax.train.state import init_state
+from flash_jax.train.step import make_train_step
+
+B = 2
+
+
+def tiny_config(module, assets, variant="tiny", **overrides):
+    """A tiny config of `module` on the tiny random assets; `overrides` use dotted keys."""
+    config = module.get_config(variant)
+    with config.unlocked():
+        config.teacher_workdir = str(assets / "teacher.msgpack")
+        config.autoencoder_workdir = str(assets / "autoencoder.msgpack")
+        for key, value in overrides.items():
+            *parents, leaf = key.split(".")
+            node = config
+            for p in parents:
+                node = node[p]
+            node[leaf] = value
+    return config
+
+
+def make_batch(method):
+    examples = [shapes.make_example(0, "train", i, 16) for i in range(B)]
+    raw = {
+        "image": np.stack([e["image"] for e in examples]),
+        "caption": [e["caption"] for e in examples],
+    }
+    return method.prepare_batch(raw)
+
+
+def max_abs(tree):
+    return max(float(jnp.abs(x).max()) for x in jax.tree.leaves(tree))
+
+
+def with_random_guidance_projection(params, rng):
+    """A guidance-conditioned UNet whose output depends on w (the projection is zero at init)."""
+    kernel = params["time_embedding"]["cond_proj"]["kernel"]
+    params = jax.tree.map(lambda x: x, params)
+    params["time_embedding"]["cond_proj"]["kernel"] = jax.random.normal(rng, kernel.shape)
+    return params
+
+
+# ------------------------------------------------------------------------------ shared pieces
+
+
+def test_guidance_embedding_matches_diffusers():
+    import torch
+    from diffusers import LatentConsistencyModelPipeline
+
+    w = np.array([0.0, 1.5, 3.0, 7.5], np.float32)
+    for dim in (8, 9, 64):
+        expected = LatentConsistencyModelPipeline.get_guidance_scale_embedding(
+            None, torch.from_numpy(w), dim
+        ).numpy()
+        # The sinusoid arguments are up to 1000·w·1 in float32: one rounding of an argument
+        # (2^-24 relative, in either implementation) moves sin/cos by up to 1000·w·2^-24.
+        bound = 1000.0 * w[:, None] * 2.0**-23 + 1e-6
+        assert np.all(np.abs(layers.guidance_embedding(w, dim) - expected) <= bound)
+
+
+def test_model_output_from_x0_inverts_the_clean_estimate():
+    k1, k2 = jax.random.split(jax.random.PRNGKey(0))
+    x, x0 = jax.random.normal(k1, (3, 4)), jax.random.normal(k2, (3, 4))
+    alpha, sigma = (
+        jnp.array([[0.9], [0.5], [0.07]]),
+        jnp.sqrt(1 - jnp.array([[0.81], [0.25], [0.0049]])),
+    )
+    for kind in ("epsilon", "v_prediction", "sample"):
+        out = diffusion.model_output_from_x0(x0, x, alpha, sigma, kind)
+        got = diffusion.predict_x0_eps(out, x, alpha, sigma, kind)[0]
+        np.testing.assert_allclose(got, x0, rtol=1e-5, atol=1e-5, err_msg=kind)
+
+
+def test_post_update_hook_runs_after_the_optimizer_and_feeds_the_ema():
+    """A toy method: loss ‖p‖²; the hook keeps a running copy `p_slow ← ½·p_slow + ½·p`."""
+    params = {"p": jnp.array([1.0, -2.0]), "p_slow": jnp.array([4.0, 4.0])}
+
+    def loss(params, frozen, batch, rng, disc_params=None):
+        return jnp.sum(params["p"] ** 2) + 0.0 * jnp.sum(params["p_slow"]), {}
+
+    def post_update(old, new):
+        return {"p": new["p"], "p_slow": 0.5 * old["p_slow"] + 0.5 * new["p"]}
+
+    tx = optax.sgd(0.25)
+    for hook in (None, post_update):
+        method = methods.Method(
+            init=None, load_frozen=None, generator_loss=loss, prepare_batch=None, post_update=hook
+        )
+        step = jax.jit(make_train_step(method, tx, ema_decay=0.5))
+        state, _ = step(init_state(params, tx, jax.random.PRNGKey(0)), None, {})
+        p = np.array([1.0, -2.0]) * (1 - 2 * 0.25)  # one SGD step on ‖p‖²
+        slow = 0.5 * 4.0 + 0.5 * p if hook else np.array([4.0, 4.0])
+        np.testing.assert_allclose(state.params["p"], p)
+        np.testing.assert_allclose(state.params["p_slow"], slow)
+        np.testing.assert_allclose(state.ema_params["p_slow"], 0.5 * 4.0 + 0.5 * slow)
+
+
+def test_methods_get_refuses_a_helper_module():
+    with pytest.raises(ValueError, match="not a method"):
+        methods.get("common")
+
+
+def test_r1_penalty_is_the_squared_gradient_norm_on_real_latents(tiny_assets):
+    config = tiny_config(add_config, tiny_assets)
+    model = T2I.from_config(config)
+    teacher = jax.device_get(checkpoint.load_params(config.teacher_workdir))
+    disc = common.LatentDiscriminator(model, width=8, t_max=750, r1_weight=0.5)
+    empty = model.tokenizer()([""])[0]
+    disc_params = disc.init(jax.random.PRNGKey(0), teacher["unet"], teacher["text"], empty, 16)
+    tokens = model.tokenizer()(["a red circle", "two blue stars"])
+    context, pooled, _ = common.text_conditioning(model, teacher["text"], tokens, empty)
+    real, fake = jax.random.normal(jax.random.PRNGKey(1), (2, B, 4, 4, 4))
+    k_real, k_fake = jax.random.split(jax.random.PRNGKey(2))
+
+    @jax.jit
+    def losses_and_r1(disc_params, teacher_unet):
+        args = (disc_params, teacher_unet, real, fake, context, pooled, k_real, k_fake)
+        loss, aux = disc.loss(*args)
+        no_r1, _ = dataclasses.replace(disc, r1_weight=0.0).loss(*args)
+
+        def d_real(x):
+            return jnp.sum(disc.logits(disc_params, teacher_unet, x, context, pooled, k_real))
+
+        grad = jax.grad(d_real)(real)
+        return loss, aux["r1"], no_r1, jnp.mean(jnp.sum(grad**2, axis=(1, 2, 3)))
+
+    loss, aux_r1, no_r1, r1 = losses_and_r1(disc_params, teacher["unet"])
+    assert r1 > 0
+    np.testing.assert_allclose(aux_r1, r1, rtol=1e-5)
+    np.testing.assert_allclose(loss, no_r1 + 0.5 * r1, rtol=1e-5)
+
+
+def test_guided_student_starts_as_the_conditional_teacher(tiny_assets):
+    config = tiny_config(lcm_config, tiny_assets)
+    model = T2I.from_config(config)
+    student_model = common.with_guidance_input(model, 8)
+    teacher = checkpoint.load_params(config.teacher_workdir)
+    student = common.student_from_teacher(student_model, teacher["unet"])
+    assert not np.any(student["time_embedding"]["cond_proj"]["kernel"])
+    x = jax.random.normal(jax.random.PRNGKey(0), (B, 4, 4, 4))
+    context = jax.random.normal(jax.random.PRNGKey(1), (B, 3, 16))
+    t = jnp.array([999.0, 10.0])
+    expected = jax.jit(model.apply_unet)(teacher["unet"], x, t, context)
+    got = jax.jit(common.guided_apply(student_model))(
+        student, x, t, {"context": context, "w": jnp.array([0.0, 5.0])}
+    )
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------- LCM
+
+
+def test_lcm_timesteps_and_boundary_conditions_match_diffusers():
+    from diffusers import LCMScheduler
+
+    scheduler = LCMScheduler()
+    for n in (1, 2, 3, 4):
+        scheduler.set_timesteps(n)
+        np.testing.assert_array_equal(
+            lcm.inference_timesteps(1000, 20, n), scheduler.timesteps.numpy()
+        )
+    np.testing.assert_array_equal(lcm.inference_timesteps(1000, 20, 3), [999, 679, 339])
+    ts = np.array([0, 19, 259, 999])
+    c_skip, c_out = lcm.boundary_scalings(ts, 0.5, 10.0)
+    for t, a, b in zip(ts, c_skip, c_out, strict=True):
+        ref = scheduler.get_scalings_for_boundary_condition_discrete(int(t))
+        np.testing.assert_allclose([a, b], ref, rtol=1e-6)
+    assert float(c_skip[0]) == 1.0 and float(c_out[0]) == 0.0
+    np.testing.assert_array_equal(lcm.solver_timesteps(1000, 20)[[0, 1, -1]], [19, 39, 999])
+    with pytest.raises(ValueError, match=r"lcm\.skip"):
+        lcm.solver_timesteps(1000, 30)
+
+
+@pytest.fixture(scope="module")
+def lcm_setup(tiny_assets):
+    config = tiny_config(lcm_config, tiny_assets)
+    method = lcm.make(config)
+    model = T2I.from_config(config)
+    lcmc = lcm.LCMConfig(**config.lcm.to_dict())
+    student_model = common.with_guidance_input(model, lcmc.w_embedding_dim)
+    params = method.init(jax.random.PRNGKey(0))
+    params["unet"] = with_random_guidance_projection(params["unet"], jax.random.PRNGKey(1))
+    frozen = method.load_frozen()
+    return config, method, model, student_model, lcmc, params, frozen
+
+
+def test_lcm_consistency_function_is_the_identity_at_t0(lcm_setup):
+    _, _, _, student_model, lcmc, params, _ = lcm_setup
+    z = jax.random.normal(jax.random.PRNGKey(2), (B, 4, 4, 4))
+    cond = {"context": jnp.zeros((B, 3, 16)), "w": jnp.array([1.0, 3.0])}
+    f0 = jax.jit(lcm.consistency_fn, static_argnums=(0, 1))(
+        student_model, lcmc, params["unet"], z, jnp.zeros((B,), int), cond
+    )
+    np.testing.assert_array_equal(f0, z)
+
+
+def test_lcm_one_step_sample_matches_diffusers_scheduler(lcm_setup):
+    import torch
+    from diffusers import LCMScheduler
+
+    _, _, model, student_model, lcmc, params, frozen = lcm_setup
+    z = jax.random.normal(jax.random.PRNGKey(3), (B, 4, 4, 4))
+    tokens = model.tokenizer()(["a red circle", "two blue stars"])
+    cond = {"context": model.encode_text(frozen["teacher"]["text"], tokens), "w": jnp.full(B, 3.0)}
+    got, _ = jax.jit(sampling.run_plan, static_argnums=(0, 6, 7))(
+        lcm.consistency_apply(student_model, lcmc),
+        params["unet"],
+        z,
+        lcm.sampler_steps(model.schedule, lcmc, 1),
+        cond,
+        None,
+        sampling.SamplerConfig(num_steps=1, eta=1.0),
+        "epsilon",
+        jax.random.PRNGKey(4),
+    )
+    eps = jax.jit(common.guided_apply(student_model))(params["unet"], z, jnp.full(B, 999.0), cond)
+    scheduler = LCMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    scheduler.set_timesteps(1)
+    expected = scheduler.step(
+        torch.from_numpy(np.asarray(eps)), 999, torch.from_numpy(np.asarray(z))
+    ).prev_sample
+    np.testing.assert_allclose(got, expected.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_lcm_teacher_step_is_one_guided_ddim_step(lcm_setup):
+    _, _, model, _, _, _, frozen = lcm_setup
+    teacher = frozen["teacher"]
+    z = jax.random.normal(jax.random.PRNGKey(5), (B, 4, 4, 4))
+    tokens = model.tokenizer()(["a red circle", "two blue stars"])
+    context, _, uncond = common.text_conditioning(
+        model, teacher["text"], tokens, model.tokenizer()([""])[0]
+    )
+    t, t_prev = jnp.array([499, 499]), jnp.array([479, 479])
+    got = jax.jit(lcm.teacher_solver_step, static_argnums=0)(
+        model, teacher["unet"], z, t, t_prev, context, uncond, jnp.full(B, 3.0)
+    )
+    expected, _ = jax.jit(
+        sampling.run_plan, static_argnums=(0, 6, 7), static_argnames="num_active"
+    )(
+        model.apply_unet,
+        teacher["unet"],
+        z,
+        sampling.plan_from_timesteps(model.schedule, jnp.array([499, 479])),
+        context,
+        uncond,
+        sampling.SamplerConfig(num_steps=2, guidance_scale=3.0),
+        "epsilon",
+        num_active=1,
+    )
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_lcm_gradients_reach_only_the_online_student(lcm_setup):
+    _, method, _, _, _, params, frozen = lcm_setup
+    batch = make_batch(method)
+
+    def loss(params, frozen):
+        return method.generator_loss(params, frozen, batch, jax.random.PRNGKey(6))[0]
+
+    g_params, g_frozen = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, frozen)
+    assert max_abs(g_params["unet"]) > 0
+    assert max_abs(g_params["target"]) == 0.0
+    assert max_abs(g_frozen["teacher"]["unet"]) == 0.0
+
+
+def test_lcm_post_update_is_the_target_ema(lcm_setup):
+    _, method, _, _, lcmc, params, _ = lcm_setup
+    new = jax.tree.map(lambda x: x + 1.0, params)
+    kept = method.post_update(params, new)
+    assert kept["unet"] is new["unet"]
+    for old, student, target in zip(
+        *(jax.tree.leaves(x) for x in (params["target"], new["unet"], kept["target"])),
+        strict=True,
+    ):
+        np.testing.assert_allclose(
+            target, lcmc.target_decay * old + (1 - lcmc.target_decay) * student, rtol=1e-6
+        )
+
+
+# ------------------------------------------------------------------------- step distillation
+
+
+def test_progressive_grids_interleave():
+    t, mid, nxt = step_distill.progressive_timesteps(1000, 4)
+    np.testing.assert_array_equal(t, [999, 749, 499, 249])
+    np.testing.assert_array_equal(mid, [874, 624, 374, 124])
+    np.testing.assert_array_equal(nxt, [749, 499, 249, -1])
+    for n in (16, 8):  # the testbed chain 32 → 16 → 8 → 4
+        step_distill.progressive_timesteps(1000, n)
+
+
+def test_two_step_target_of_one_teacher_step_is_its_estimate():
+    """Closed form: if z'' is one DDIM step of estimate x̂, the target is x̂ itself (stage 1)."""
+    k = jax.random.split(jax.random.PRNGKey(0), 3)
+    z, x0 = jax.random.normal(k[0], (B, 4, 4, 4)), jax.random.normal(k[1], (B, 4, 4, 4))
+    alpha, sigma, alpha2, sigma2 = 0.3, np.sqrt(1 - 0.09), 0.8, 0.6
+    z2 = sampling.ddim_update(x0, (z - alpha * x0) / sigma, alpha2, sigma2)
+    got = step_distill.two_step_target(z, z2, alpha, sigma, alpha2, sigma2)
+    np.testing.assert_allclose(got, x0, rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def sd_setup(tiny_assets):
+    config = tiny_config(sd_config, tiny_assets)
+    model = T2I.from_config(config)
+    student_model = common.with_guidance_input(model, config.step_distill.w_embedding_dim)
+    teacher = checkpoint.load_params(config.teacher_workdir)
+    unet = common.student_from_teacher(student_model, teacher["unet"])
+    unet = with_random_guidance_projection(unet, jax.random.PRNGKey(1))
+    return config, model, student_model, teacher, unet
+
+
+def test_step_distillation_target_equals_two_teacher_ddim_steps(sd_setup):
+    """x̃ from `teacher_two_steps` + `two_step_target` against the project's DDIM sampler run
+    independently for the teacher's steps 2i, 2i+1 of its 2N-step plan: the teacher lands on the
+    same z'', and ONE student DDIM step with estimate x̃ lands on z'' too."""
+    _, model, student_model, _, unet = sd_setup
+    schedule, n = model.schedule, 2
+    apply_fn = common.guided_apply(student_model)
+    cond = {
+        "context": jax.random.normal(jax.random.PRNGKey(2), (B, 3, 16)),
+        "w": jnp.array([1.0, 4.0]),
+    }
+    z = jax.random.normal(jax.random.PRNGKey(3), (B, 4, 4, 4))
+    teacher_plan = dataclasses.asdict(
+        sampling.plan(schedule, sampling.SamplerConfig(num_steps=2 * n))
+    )
+    grids = step_distill.progressive_timesteps(1000, n)
+    two_steps = jax.jit(step_distill.teacher_two_steps, static_argnums=(0, 1))
+    run_plan = jax.jit(sampling.run_plan, static_argnums=(0, 6, 7))
+    for i in range(n):
+        t, t_mid, t_next = (jnp.full((B,), g[i]) for g in grids)
+        got_z = two_steps(student_model, apply_fn, unet, z, t, t_mid, t_next, cond)
+        steps = {k: v[2 * i : 2 * i + 2] for k, v in teacher_plan.items()}
+        expected_z, _ = run_plan(
+            apply_fn, unet, z, steps, cond, None, sampling.SamplerConfig(num_steps=2), "epsilon"
+        )
+        np.testing.assert_allclose(got_z, expected_z, rtol=1e-4, atol=1e-4)
+        alpha, sigma = common.alpha_sigma(schedule, t)
+        a2, s2 = step_distill.alpha_sigma_or_clean(schedule, t_next)
+        target = step_distill.two_step_target(z, expected_z, alpha, sigma, a2, s2)
+        one_step = sampling.ddim_update(target, (z - alpha * target) / sigma, a2, s2)
+        np.testing.assert_allclose(one_step, expected_z, rtol=1e-3, atol=1e-3)
+        if i == n - 1:  # the last step lands on the clean signal: the target is z'' itself
+            np.testing.assert_allclose(target, expected_z, rtol=1e-5, atol=1e-5)
+
+
+def test_step_distillation_gradients_reach_only_the_student(sd_setup, tiny_assets):
+    config = tiny_config(sd_config, tiny_assets)
+    method = step_distill.make(config)
+    params, frozen = method.init(jax.random.PRNGKey(0)), method.load_frozen()
+    batch = make_batch(method)
+
+    def loss(params, frozen):
+        return method.generator_loss(params, frozen, batch, jax.random.PRNGKey(4))[0]
+
+    g_params, g_frozen = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, frozen)
+    assert max_abs(g_params["unet"]) > 0
+    assert max_abs(g_frozen["teacher_unet"]) == 0.0
+
+
+def test_progressive_stage_refuses_a_previous_run_of_the_wrong_step_count(tmp_path, tiny_assets):
+    (tmp_path / "config.json").write_text(json.dumps({"step_distill": {"student_steps": 16}}))
+    config = tiny_config(
+        sd_config, tiny_assets, "tiny,4", **{"step_distill.previous_workdir": str(tmp_path)}
+    )
+    with pytest.raises(ValueError, match="16-step student; a 4-step stage needs the 8-step one"):
+        step_distill.make(config).init(jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match="previous_workdir is empty"):
+        step_distill.make(tiny_config(sd_config, tiny_assets, "tiny,4"))
+
+
+# ------------------------------------------------------------------------------------- ADD
+
+
+def test_add_distillation_term_is_alpha_weighted_and_stops_at_the_teacher(tiny_assets):
+    """Per sample `α_t·mean((x̂θ − x̂ψ)²)` with x̂ψ from separate conditional / unconditional teacher
+    calls; its gradient w.r.t. x̂θ is the closed form `2·α_t·(x̂θ − x̂ψ)/(B·n)` (no teacher path)."""
+    config = tiny_config(add_config, tiny_assets)
+    model = T2I.from_config(config)
+    teacher = checkpoint.load_params(config.teacher_workdir)["unet"]
+    k = jax.random.split(jax.random.PRNGKey(0), 4)
+    x0 = jax.random.normal(k[0], (B, 4, 4, 4))
+    noise = jax.random.normal(k[1], (B, 4, 4, 4))
+    context, uncond = jax.random.normal(k[2], (2, B, 3, 16))
+    t = jnp.array([100, 900])
+
+    def distill(x, p):
+        return add.distillation_loss(model, p, x, t, noise, context, uncond, 3.0)
+
+    loss, per_sample = jax.jit(distill)(x0, teacher)
+    alpha, sigma = common.alpha_sigma(model.schedule, t)
+    noisy = alpha * x0 + sigma * noise
+    apply = jax.jit(model.apply_unet)
+    eps_c = apply(teacher, noisy, t.astype(jnp.float32), context)
+    eps_u = apply(teacher, noisy, t.astype(jnp.float32), uncond)
+    target = (noisy - sigma * (eps_u + 3.0 * (eps_c - eps_u))) / alpha
+    expected = alpha.reshape(-1) * jnp.mean((x0 - target) ** 2, axis=(1, 2, 3))
+    np.testing.assert_allclose(per_sample, expected, rtol=1e-4)
+    np.testing.assert_allclose(loss, jnp.mean(expected), rtol=1e-4)
+
+    grad_x0, grad_teacher = jax.jit(jax.grad(lambda x, p: distill(x, p)[0], argnums=(0, 1)))(
+        x0, teacher
+    )
+    closed_form = 2 * alpha * (x0 - target) / (B * x0[0].size)
+    np.testing.assert_allclose(grad_x0, closed_form, rtol=1e-3, atol=1e-6)
+    assert max_abs(grad_teacher) == 0.0
+
+
+# --------------------------------------------------------------------------------- trainer
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["lcm", "add"])
+def test_baseline_trains_a_few_steps(name, tiny_assets, tmp_path):
+    module = {"lcm": lcm_config, "add": add_config}[name]
+    state = loop.train(tiny_config(module, tiny_assets), tmp_path)
+    assert int(state.step) == 2
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["finite"] == 1.0 and np.isfinite(r["loss"]) for r in records)
+    assert (tmp_path / "samples" / "step_0000002.png").is_file()
+
+
+@pytest.mark.slow
+def test_step_distillation_chain_trains(tiny_assets, tmp_path):
+    """The guidance stage (sampled at 8 steps here), then a 4-step halving from its student."""
+    first = tiny_config(sd_config, tiny_assets, **{"step_distill.student_steps": 8})
+    loop.train(first, tmp_path / "guidance")
+    second = tiny_config(
+        sd_config,
+        tiny_assets,
+        "tiny,4",
+        **{"step_distill.previous_workdir": str(tmp_path / "guidance")},
+    )
+    state = loop.train(second, tmp_path / "4")
+    assert int(state.step) == 2
+    for run in ("guidance", "4"):
+        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        assert all(json.loads(line)["finite"] == 1.0 for line in lines)
