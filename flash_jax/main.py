@@ -4,11 +4,14 @@
       [--config.key=value ...] [--mode train]
   python -m flash_jax.main --config ... --workdir DIR --mode sample --prompts "a red circle;two blue stars" \
       [--steps 3] [--guidance 1] [--noise_correction] [--out grid.png]
+  python -m flash_jax.main --config configs/shapes/comparison.py --workdir RUNS --mode eval
 
 Configs are ml_collections files whose `get_config(arg)` returns a LOCKED ConfigDict: an unknown
 `--config.key` or a value of the wrong type is an error before anything is built or compiled.
 `sample` draws a captioned grid from the EMA parameters of the run in `--workdir` (a student of
-`imagine_flash` uses its teacher's text encoder).
+`imagine_flash` uses its teacher's text encoder). `eval` evaluates the runs an evaluation config
+lists (flash_jax/eval/evaluate.py, `run_evaluation`) and writes the tables, plots and sample grids
+under WORKDIR; rerunning it skips the rows already computed.
 """
 
 from __future__ import annotations
@@ -22,12 +25,13 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from flash_jax import sampling
+from flash_jax.eval import evaluate
 from flash_jax.pipeline import T2I
 from flash_jax.train import checkpoint, loop
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file[:variant]", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics, samples)")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample"], "what to do")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "eval"], "what to do")
 _PROMPTS = flags.DEFINE_string(
     "prompts", "", "sample: prompts separated by ';', or @file (one per line)"
 )
@@ -85,6 +89,8 @@ def main(argv: list[str]) -> None:
         loop.train(_CONFIG.value, _WORKDIR.value)
     elif _MODE.value == "sample":
         sample(_CONFIG.value, _WORKDIR.value)
+    elif _MODE.value == "eval":
+        evaluate.run_evaluation(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ All functions here are host-side numpy (float64 where it matters) and do not dep
   with InceptionV3 pool features it is FID.
 - `alignment_table`: per-category accuracy from `flash_jax.eval.judge.alignment` results.
 - `colour_statistics`: mean chroma and RMS contrast (distillation tends to oversaturate or wash out).
+- `seed_diversity`: how much the images of one prompt differ across initial-noise seeds.
 - `markdown_table`: the tables the CLIs print.
 """
 
@@ -65,6 +66,17 @@ def frechet_distance(
 def frechet_distance_from_features(a: np.ndarray, b: np.ndarray) -> float:
     """FD between the Gaussians fitted to feature sets `a (N, F)` and `b (M, F)`."""
     return frechet_distance(*feature_statistics(a), *feature_statistics(b))
+
+
+def seed_diversity(features: np.ndarray) -> float:
+    """Diversity across initial-noise seeds: `features` `(S >= 2, N, F)` holds the features of
+    the images of N prompts, each drawn from S seeds. Returns the mean over prompts of the mean
+    L2 distance between the S features of the same prompt (0: every seed gives the same image)."""
+    x = np.asarray(features, np.float64)
+    if x.ndim != 3 or x.shape[0] < 2:
+        raise ValueError(f"features must be (S >= 2 seeds, N, F), got shape {x.shape}")
+    i, j = np.triu_indices(x.shape[0], k=1)
+    return float(np.linalg.norm(x[i] - x[j], axis=-1).mean())
 
 
 # ------------------------------------------------------------------------------ alignment

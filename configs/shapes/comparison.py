@@ -1,0 +1,196 @@
+"""The testbed's Table 1 and ablation table (METHOD.md §5): every method on the same teacher, with
+the same budget, at least two training seeds each, evaluated on the same prompts and noise.
+
+Two functions over ONE list of runs (`runs`):
+
+`get_hyper(arg)` -> the training jobs, a list of dicts in dependency order, one per run:
+    {"name": "if3_s0",                                   job name = its folder under the root
+     "config": "configs/shapes/imagine_flash.py:3",      config file[:variants]
+     "workdir": "runs/comparison/if3_s0",                --workdir
+     "mode": "train",                                    --mode
+     "after": [],                                        jobs that must have finished first
+     "config.seed": 0, ...}                              every other key: --config.<key>=<value>
+  and, last, the evaluation job (mode "eval", this file as config, the root as workdir, after every
+  training job). A launcher runs, per job:
+    python -m flash_jax.main --config <config> --workdir <workdir> --mode <mode> \
+        --config.<key>=<value> ...
+  arg: comma-separated "tiny" (tiny models, 2 updates: a smoke run of the whole sweep),
+  "root=DIR" (default runs/comparison), "seeds=N" (training seeds per method, default 2),
+  "assets=DIR" (the frozen teacher.msgpack, autoencoder.msgpack and judge.msgpack; default
+  assets/shapes, the shipped trained testbed models; tiny runs need tiny ones).
+
+`get_config(arg)` -> the evaluation config (`--mode eval`, flash_jax/eval/evaluate.py reads it):
+  the same runs by name (their folders under --workdir), each at its step counts, plus the teacher.
+    python -m flash_jax.main --mode eval --config configs/shapes/comparison.py --workdir runs/comparison
+
+Rows: teacher (CFG) 25 and 3 steps; step distillation 4 (the chain guidance → 16 → 8 → 4, whose
+four runs share one run's budget); ADD 4; LCM 1/2/3 (one student); Imagine Flash 1/2/3 (one
+student per step count); the ablations at 3 steps: w/o noise correction, w/o discriminator,
+w/o backward distillation, w/o SRL.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from configs.shapes import step_distill
+
+DEFAULT_ASSETS = "assets/shapes"  # the shipped trained teacher, autoencoder and judge
+DEFAULT_ROOT = "runs/comparison"
+
+# (label, name, config, evaluated step counts); every run is trained once per seed.
+IMAGINE_FLASH = "configs/shapes/imagine_flash.py"
+RUNS = (
+    ("Imagine Flash", "if1", f"{IMAGINE_FLASH}:1", (1,)),
+    ("Imagine Flash", "if2", f"{IMAGINE_FLASH}:2", (2,)),
+    ("Imagine Flash", "if3", f"{IMAGINE_FLASH}:3", (3,)),
+    ("IF w/o noise correction", "if3_no_nc", f"{IMAGINE_FLASH}:3,no_nc", (3,)),
+    ("IF w/o discriminator", "if3_no_disc", f"{IMAGINE_FLASH}:3,no_disc", (3,)),
+    ("IF w/o backward distillation", "if3_no_backward", f"{IMAGINE_FLASH}:3,no_backward", (3,)),
+    ("IF w/o SRL", "if3_no_srl", f"{IMAGINE_FLASH}:3,no_srl", (3,)),
+    ("ADD", "add", "configs/shapes/add.py", (4,)),
+    ("LCM", "lcm", "configs/shapes/lcm.py", (1, 2, 3)),
+)
+STEP_DISTILL = "configs/shapes/step_distill.py"
+TEACHER_STEPS = (25, 3)
+
+
+def _parse(arg: str) -> dict:
+    """`{"tiny", "root", "seeds", "assets"}` from the comma-separated argument."""
+    out = dict(tiny=False, root=DEFAULT_ROOT, seeds=2, assets=DEFAULT_ASSETS)
+    for token in filter(None, (arg or "").split(",")):
+        key, eq, value = token.partition("=")
+        if token == "tiny":
+            out["tiny"] = True
+        elif eq and key in ("root", "assets"):
+            out[key] = value
+        elif eq and key == "seeds":
+            out["seeds"] = int(value)
+        else:
+            raise ValueError(
+                f"comparison config: unknown argument {token!r} (tiny, root=, seeds=, assets=)"
+            )
+    if out["seeds"] < 1:
+        raise ValueError(f"comparison config: seeds={out['seeds']} must be >= 1")
+    return out
+
+
+def _with_tiny(config: str, tiny: bool) -> str:
+    if not tiny:
+        return config
+    return f"{config},tiny" if ":" in config else f"{config}:tiny"
+
+
+def evaluated_runs(arg: str = "") -> list[dict]:
+    """Every evaluated run: `{"label", "name", "config", "steps"}`, seeds expanded (`name_s<k>`);
+    step distillation is represented by its last stage."""
+    a = _parse(arg)
+    tiny = a["tiny"]
+    out = []
+    for seed in range(a["seeds"]):
+        for label, name, config, steps in RUNS:
+            out.append(
+                dict(
+                    label=label,
+                    name=f"{name}_s{seed}",
+                    config=_with_tiny(config, tiny),
+                    steps=steps,
+                )
+            )
+        last = step_distill.CHAIN[-1]
+        out.append(
+            dict(
+                label="Step distillation",
+                name=f"sd{last}_s{seed}",
+                config=_with_tiny(f"{STEP_DISTILL}:{last}", tiny),
+                steps=(int(last),),
+            )
+        )
+    return out
+
+
+def get_hyper(arg: str = "") -> list[dict]:
+    """The sweep's jobs (format in the module docstring)."""
+    a = _parse(arg)
+    tiny, root = a["tiny"], a["root"]
+    shared = {
+        "config.teacher_workdir": f"{a['assets']}/teacher.msgpack",
+        "config.autoencoder_workdir": f"{a['assets']}/autoencoder.msgpack",
+    }
+    jobs = []
+    for seed in range(a["seeds"]):
+        seeded = shared | {"config.seed": seed, "config.data.shuffle_seed": seed}
+        for _, name, config, _ in RUNS:
+            job = f"{name}_s{seed}"
+            jobs.append(
+                dict(
+                    name=job,
+                    config=_with_tiny(config, tiny),
+                    workdir=f"{root}/{job}",
+                    mode="train",
+                    after=[],
+                    **seeded,
+                )
+            )
+        previous = None
+        for stage in step_distill.CHAIN:
+            job = f"sd{stage}_s{seed}"
+            overrides = dict(seeded)
+            if previous:
+                overrides["config.step_distill.previous_workdir"] = f"{root}/{previous}"
+            jobs.append(
+                dict(
+                    name=job,
+                    config=_with_tiny(f"{STEP_DISTILL}:{stage}", tiny),
+                    workdir=f"{root}/{job}",
+                    mode="train",
+                    after=[previous] if previous else [],
+                    **overrides,
+                )
+            )
+            previous = job
+    variant = ",".join(["tiny"] * tiny + [f"seeds={a['seeds']}", f"assets={a['assets']}"])
+    jobs.append(
+        dict(
+            name="evaluate",
+            config=f"configs/shapes/comparison.py:{variant}",
+            workdir=root,
+            mode="eval",
+            after=[j["name"] for j in jobs],
+        )
+    )
+    return jobs
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+    """The evaluation config of the comparison (`--mode eval --workdir <root>`)."""
+    a = _parse(arg)
+    tiny = a["tiny"]
+    c = ml_collections.ConfigDict()
+    c.judge = f"{a['assets']}/judge.msgpack"  # judge run directory or params file
+    c.num_images = 300  # prompts per prompt set (one image per prompt and noise seed)
+    c.prompt_sets = ("eval", "heldout")  # Shapes splits: seen / held-out attribute combinations
+    c.noise_seeds = (0, 1)  # initial-noise seeds (diversity is measured across them)
+    c.data_seed = 0  # Shapes generator seed of the prompts and real images
+    c.image_size = 32  # image side; every run must generate this size
+    c.batch_size = 50  # images per generate call
+    c.grid_prompts = 8  # prompts (columns) in the side-by-side sample grids
+    c.plot_metrics = ("fd_judge", "mean", "chroma", "diversity")  # plotted against steps
+    c.out_dir = "evaluation"  # output folder under --workdir
+    teacher = dict(
+        label="Teacher (CFG)",
+        name="teacher",
+        workdir=f"{a['assets']}/teacher.msgpack",
+        config="configs/shapes/teacher.py" + (":tiny" if tiny else ""),
+        steps=TEACHER_STEPS,
+        overrides={"autoencoder_workdir": f"{a['assets']}/autoencoder.msgpack"},
+    )
+    trained = [
+        dict(label=r["label"], name=r["name"], workdir=r["name"], steps=r["steps"])
+        for r in evaluated_runs(arg)
+    ]
+    c.runs = [teacher, *trained]
+    if tiny:
+        c.num_images, c.image_size, c.batch_size, c.grid_prompts = 4, 16, 4, 4
+    c.lock()
+    return c

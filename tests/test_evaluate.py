@@ -1,0 +1,256 @@
+"""`--mode eval` (flash_jax/eval/evaluate.py `run_evaluation`) on tiny random models: rows per run ×
+steps × prompt set, resume, mean ± std over runs, plots, grids; the comparison sweep's jobs; and
+notebooks/evaluate.ipynb run headless (its code cells executed in order in one namespace: nbclient
+is not a dependency, and the notebook needs no kernel features)."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from configs.shapes import comparison
+from configs.shapes import teacher as teacher_config
+from flash_jax.eval import evaluate, metrics
+from flash_jax.train import checkpoint
+from flash_jax.train.state import init_state
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_seed_diversity_closed_form():
+    f = np.zeros((3, 2, 4))
+    f[1, :, 0] = 3.0  # seed 1 is 3 away from seed 0, seed 2 = seed 0
+    assert metrics.seed_diversity(f[:2]) == pytest.approx(3.0)
+    assert metrics.seed_diversity(f) == pytest.approx((3.0 + 0.0 + 3.0) / 3)
+    assert metrics.seed_diversity(np.repeat(f[:1], 4, axis=0)) == 0.0
+    with pytest.raises(ValueError, match="S >= 2"):
+        metrics.seed_diversity(f[:1])
+
+
+def test_initial_noise_does_not_depend_on_batching():
+    shape = (4, 4, 4)
+    whole = evaluate.initial_noise(3, 0, 5, shape)
+    np.testing.assert_array_equal(evaluate.initial_noise(3, 2, 3, shape), whole[2:])
+    one = jax.random.normal(jax.random.fold_in(jax.random.PRNGKey(3), 4), shape)
+    np.testing.assert_array_equal(whole[4], one)
+
+
+def test_summarize_mean_and_sample_std_over_runs():
+    rows = {
+        "a|1|eval": dict(label="A", run="a", steps=1, prompt_set="eval", fd_judge=1.0, nfe=1),
+        "b|1|eval": dict(label="A", run="b", steps=1, prompt_set="eval", fd_judge=3.0, nfe=1),
+        "c|1|eval": dict(label="C", run="c", steps=1, prompt_set="eval", fd_judge=5.0, nfe=2),
+    }
+    a, c = evaluate.summarize(rows)
+    assert (a["label"], a["n"], a["fd_judge"]) == ("A", 2, 2.0)
+    assert a["fd_judge_std"] == pytest.approx(math.sqrt(2.0))
+    assert (c["n"], c["fd_judge_std"], c["nfe"]) == (1, 0.0, 2)
+    table = evaluate.summary_markdown([a, c], "eval")
+    assert "| A | 1 | 1 | 2 | 2.00 ± 1.41 |" in table and "| C | 1 | 2 | 1 | 5.00 |" in table
+
+
+def eval_config(assets: Path):
+    """The tiny comparison eval config with runs that need no training: the tiny teacher twice
+    (two "runs" of one label, different CFG scales) and as a student through Imagine Flash."""
+    config = comparison.get_config(f"tiny,assets={assets}")
+    teacher = dict(
+        config="configs/shapes/teacher.py:tiny",
+        workdir=str(assets / "teacher.msgpack"),
+        steps=[1, 2],
+    )
+    frozen = {"autoencoder_workdir": str(assets / "autoencoder.msgpack")}
+    with config.unlocked():
+        config.prompt_sets = ("eval",)
+        config.runs = [
+            dict(label="Teacher", name="teacher_a", overrides=frozen, **teacher),
+            dict(
+                label="Teacher",
+                name="teacher_b",
+                overrides=frozen | {"sample.guidance_scale": 2.0},
+                **(teacher | {"steps": [1]}),
+            ),
+            dict(
+                label="Student",
+                name="student",
+                config="configs/shapes/imagine_flash.py:tiny",
+                workdir=str(assets / "teacher.msgpack"),
+                steps=[1],
+                overrides=frozen | {"teacher_workdir": str(assets / "teacher.msgpack")},
+            ),
+        ]
+    return config
+
+
+@pytest.fixture(scope="module")
+def evaluated(tiny_assets, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("eval")
+    config = eval_config(tiny_assets)
+    return config, workdir, evaluate.run_evaluation(config, workdir)
+
+
+def test_rows_cover_runs_steps_and_the_real_reference(evaluated):
+    _, workdir, rows = evaluated
+    assert sorted(rows) == sorted(
+        [
+            "real|0|eval",
+            "teacher_a|1|eval",
+            "teacher_a|2|eval",
+            "teacher_b|1|eval",
+            "student|1|eval",
+        ]
+    )
+    for key, row in rows.items():
+        assert math.isfinite(row["fd_judge"]) and row["fd_judge"] >= 0, key
+        assert 0.0 <= row["mean"] <= 1.0, key
+        if key != "real|0|eval":
+            assert len(row["fd_judge_per_seed"]) == 2 and row["diversity"] > 0, key
+    assert rows["teacher_a|2|eval"]["nfe"] == 4 and rows["student|1|eval"]["nfe"] == 1
+    # Same prompts and noise: the student IS the teacher's UNet, sampled unguided with noise
+    # correction; the two CFG scales give different images from the same noise.
+    tiles = {k: np.load(evaluate._tile_path(workdir / "evaluation", k)) for k in rows}
+    assert all(t.shape == (4, 16, 16, 3) for t in tiles.values())
+    assert not np.array_equal(tiles["teacher_a|1|eval"], tiles["teacher_b|1|eval"])
+    saved = json.loads((workdir / "evaluation" / "results.json").read_text())["rows"]
+    assert saved == json.loads(json.dumps(rows))
+
+
+def test_report_has_mean_std_table_plots_and_grids(evaluated):
+    _, workdir, _ = evaluated
+    out = workdir / "evaluation"
+    text = (out / "results.md").read_text()
+    assert "## Prompt set `eval`" in text
+    assert "| Teacher | 1 | 2 | 2 |" in text and " ± " in text  # two runs: mean ± std
+    assert "| Student | 1 | 1 | 1 |" in text
+    for name in ("plots_eval.png", "samples_eval.png"):
+        assert (out / name).stat().st_size > 1000
+
+
+def test_rerun_skips_done_rows_and_recomputes_missing_ones(evaluated, monkeypatch):
+    config, workdir, rows = evaluated
+    results = workdir / "evaluation" / "results.json"
+    calls = []
+    original = evaluate.generate_batched
+
+    def counting(*args, **kwargs):
+        calls.append(args[2])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "generate_batched", counting)
+    again = evaluate.run_evaluation(config, workdir)
+    assert calls == [] and again == json.loads(results.read_text())["rows"]
+
+    data = json.loads(results.read_text())
+    del data["rows"]["teacher_a|2|eval"]
+    results.write_text(json.dumps(data))
+    redone = evaluate.run_evaluation(config, workdir)
+    assert len(calls) == len(config.noise_seeds)  # one generation per noise seed, one row
+    np.testing.assert_allclose(
+        redone["teacher_a|2|eval"]["fd_judge"], rows["teacher_a|2|eval"]["fd_judge"], rtol=1e-5
+    )
+
+
+def test_eval_config_errors_name_the_problem(tiny_assets, tmp_path):
+    config = eval_config(tiny_assets)
+    with config.unlocked():
+        config.runs = [dict(config.runs[0], name="x", overrides={"sample.no_such_key": 1})]
+    with pytest.raises(KeyError, match=r"sample\.no_such_key"):
+        evaluate.run_evaluation(config, tmp_path)
+    with config.unlocked():
+        config.runs = [dict(label="A", name="x", workdir="nowhere", steps=[1])]
+    with pytest.raises(FileNotFoundError, match="run 'x': 'nowhere' not found"):
+        evaluate.run_evaluation(config, tmp_path)
+
+
+@pytest.mark.slow
+def test_cli_eval_mode_resumes_a_finished_evaluation(evaluated, tmp_path):
+    """`python -m flash_jax.main --mode eval` with an eval config file: every row is already in
+    results.json, so it only rewrites the report."""
+    config, workdir, _ = evaluated
+    config_file = tmp_path / "eval_config.py"
+    config_file.write_text(
+        "import ml_collections\n\n\ndef get_config():\n"
+        f"    return ml_collections.ConfigDict({config.to_dict()!r})\n"
+    )
+    (workdir / "evaluation" / "results.md").unlink()
+    command = [sys.executable, "-m", "flash_jax.main", "--mode=eval", f"--config={config_file}"]
+    subprocess.run(
+        [*command, f"--workdir={workdir}"],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
+    text = (workdir / "evaluation" / "results.md").read_text()
+    assert "| Teacher | 1 | 2 | 2 |" in text and "| Teacher | 2 | 4 | 1 |" in text
+
+
+def test_sweep_jobs_load_their_configs_and_chain_step_distillation():
+    """Every job's config file and --config.* overrides are valid (a typo fails here, not hours
+    into the sweep); `after` only names earlier jobs; the evaluation lists the trained runs."""
+    jobs = comparison.get_hyper("root=R")
+    names = [j["name"] for j in jobs]
+    assert len(names) == len(set(names)) == 2 * (len(comparison.RUNS) + 4) + 1
+    for i, job in enumerate(jobs):
+        assert set(job["after"]) <= set(names[:i]), job["name"]
+        assert job["workdir"] == ("R" if job["mode"] == "eval" else f"R/{job['name']}")
+        config = evaluate.load_config_file(job["config"])
+        for key, value in job.items():
+            if key.startswith("config."):
+                evaluate.set_dotted(config, key[len("config.") :], value)
+    sd4 = next(j for j in jobs if j["name"] == "sd4_s1")
+    assert sd4["after"] == ["sd8_s1"]
+    assert sd4["config.step_distill.previous_workdir"] == "R/sd8_s1"
+    eval_runs = {r["name"] for r in comparison.get_config("").runs}
+    trained = {j["name"] for j in jobs if j["mode"] == "train"}
+    assert eval_runs - {"teacher"} <= trained
+    assert {"if3_no_srl_s0", "lcm_s1", "sd4_s0", "add_s1"} <= eval_runs
+
+
+def code_cells(path: Path) -> list[str]:
+    notebook = json.loads(path.read_text())
+    assert notebook["nbformat"] == 4
+    return ["".join(c["source"]) for c in notebook["cells"] if c["cell_type"] == "code"]
+
+
+@pytest.mark.slow
+def test_evaluate_notebook_runs_headless(evaluated, tiny_assets, tmp_path, monkeypatch):
+    """The notebook loads a run folder (config.json + an Orbax checkpoint, as training writes
+    them; here the tiny teacher's params), draws a grid, scores it and plots `evaluated`."""
+    _, eval_workdir, _ = evaluated
+    config = teacher_config.get_config("tiny")
+    with config.unlocked():
+        config.autoencoder_workdir = str(tiny_assets / "autoencoder.msgpack")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(config.to_json())
+    params = checkpoint.load_params(tiny_assets / "teacher.msgpack")
+    manager = checkpoint.make_manager(run / "checkpoints", async_save=False)
+    checkpoint.save(manager, init_state(params, optax.identity(), jax.random.PRNGKey(0)), {})
+    manager.close()
+    out = tmp_path / "out"
+    env = {
+        "FLASH_JAX_WORKDIR": str(run),
+        "FLASH_JAX_EVAL_DIR": str(eval_workdir / "evaluation"),
+        "FLASH_JAX_JUDGE": str(tiny_assets / "judge.msgpack"),
+        "FLASH_JAX_STEPS": "1",
+        "FLASH_JAX_NUM_IMAGES": "4",
+        "FLASH_JAX_OUT": str(out),
+    }
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.chdir(ROOT)
+
+    namespace: dict = {}
+    for i, source in enumerate(code_cells(ROOT / "notebooks" / "evaluate.ipynb")):
+        exec(compile(source, f"evaluate.ipynb cell {i}", "exec"), namespace)
+
+    assert namespace["images"].shape == (4, 16, 16, 3)
+    assert set(namespace["rows"]) == {"real", "denoising 1"}
+    assert 0.0 <= namespace["rows"]["denoising 1"]["mean"] <= 1.0
+    for name in ("grid.png", "plots_eval.png"):
+        assert (out / name).stat().st_size > 0
