@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import flax
 import jax
 import numpy as np
 import optax
@@ -55,42 +56,74 @@ def test_summarize_mean_and_sample_std_over_runs():
     assert "| A | 1 | 1 | 2 | 2.00 ± 1.41 |" in table and "| C | 1 | 2 | 1 | 5.00 |" in table
 
 
-def eval_config(assets: Path):
+def eval_config(assets: Path, student: Path):
     """The tiny comparison eval config with runs that need no training: the tiny teacher twice
-    (two "runs" of one label, different CFG scales) and as a student through Imagine Flash."""
+    (two "runs" of one label), and LCM, step distillation (a guidance-conditioned copy of the
+    teacher, `student`) and ADD students, each sampled by its method's own `generate`."""
     config = comparison.get_config(f"tiny,assets={assets}")
+    frozen = {
+        "autoencoder_workdir": str(assets / "autoencoder.msgpack"),
+        "teacher_workdir": str(assets / "teacher.msgpack"),
+    }
     teacher = dict(
+        label="Teacher",
         config="configs/shapes/teacher.py:tiny",
         workdir=str(assets / "teacher.msgpack"),
         steps=[1, 2],
+        overrides={"autoencoder_workdir": frozen["autoencoder_workdir"]},
     )
-    frozen = {"autoencoder_workdir": str(assets / "autoencoder.msgpack")}
     with config.unlocked():
         config.prompt_sets = ("eval",)
         config.runs = [
-            dict(label="Teacher", name="teacher_a", overrides=frozen, **teacher),
+            dict(teacher, name="teacher_a"),
+            dict(teacher, name="teacher_b", steps=[1]),
             dict(
-                label="Teacher",
-                name="teacher_b",
-                overrides=frozen | {"sample.guidance_scale": 2.0},
-                **(teacher | {"steps": [1]}),
+                label="LCM",
+                name="lcm",
+                config="configs/shapes/lcm.py:tiny",
+                workdir=str(student),
+                steps=[2],
+                overrides=frozen,
             ),
             dict(
-                label="Student",
-                name="student",
-                config="configs/shapes/imagine_flash.py:tiny",
-                workdir=str(assets / "teacher.msgpack"),
+                label="Step distillation",
+                name="sd",
+                config="configs/shapes/step_distill.py:tiny",
+                workdir=str(student),
                 steps=[1],
-                overrides=frozen | {"teacher_workdir": str(assets / "teacher.msgpack")},
+                overrides=frozen,
+            ),
+            dict(
+                label="ADD",
+                name="add",
+                config="configs/shapes/add.py:tiny",
+                workdir=str(assets / "teacher.msgpack"),
+                steps=[2],
+                overrides=frozen,
             ),
         ]
     return config
 
 
 @pytest.fixture(scope="module")
-def evaluated(tiny_assets, tmp_path_factory):
+def guided_student(tiny_assets, tmp_path_factory):
+    """The tiny teacher's UNet with a zero guidance projection (w_embedding_dim 8), as a params file."""
+    from configs.shapes import lcm as lcm_config
+    from flash_jax.methods import common
+    from flash_jax.pipeline import T2I
+
+    model = T2I.from_config(lcm_config.get_config("tiny"))
+    unet = checkpoint.load_params(tiny_assets / "teacher.msgpack")["unet"]
+    params = {"unet": common.student_from_teacher(common.with_guidance_input(model, 8), unet)}
+    path = tmp_path_factory.mktemp("student") / "student.msgpack"
+    path.write_bytes(flax.serialization.msgpack_serialize(params))
+    return path
+
+
+@pytest.fixture(scope="module")
+def evaluated(tiny_assets, guided_student, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("eval")
-    config = eval_config(tiny_assets)
+    config = eval_config(tiny_assets, guided_student)
     return config, workdir, evaluate.run_evaluation(config, workdir)
 
 
@@ -102,7 +135,9 @@ def test_rows_cover_runs_steps_and_the_real_reference(evaluated):
             "teacher_a|1|eval",
             "teacher_a|2|eval",
             "teacher_b|1|eval",
-            "student|1|eval",
+            "lcm|2|eval",
+            "sd|1|eval",
+            "add|2|eval",
         ]
     )
     for key, row in rows.items():
@@ -110,12 +145,12 @@ def test_rows_cover_runs_steps_and_the_real_reference(evaluated):
         assert 0.0 <= row["mean"] <= 1.0, key
         if key != "real|0|eval":
             assert len(row["fd_judge_per_seed"]) == 2 and row["diversity"] > 0, key
-    assert rows["teacher_a|2|eval"]["nfe"] == 4 and rows["student|1|eval"]["nfe"] == 1
-    # Same prompts and noise: the student IS the teacher's UNet, sampled unguided with noise
-    # correction; the two CFG scales give different images from the same noise.
+    assert rows["teacher_a|2|eval"]["nfe"] == 4 and rows["lcm|2|eval"]["nfe"] == 2
+    assert rows["sd|1|eval"]["nfe"] == 1 and rows["add|2|eval"]["nfe"] == 2
+    # Same prompts and noise for every run: identical runs give identical images.
     tiles = {k: np.load(evaluate._tile_path(workdir / "evaluation", k)) for k in rows}
     assert all(t.shape == (4, 16, 16, 3) for t in tiles.values())
-    assert not np.array_equal(tiles["teacher_a|1|eval"], tiles["teacher_b|1|eval"])
+    np.testing.assert_array_equal(tiles["teacher_a|1|eval"], tiles["teacher_b|1|eval"])
     saved = json.loads((workdir / "evaluation" / "results.json").read_text())["rows"]
     assert saved == json.loads(json.dumps(rows))
 
@@ -126,7 +161,7 @@ def test_report_has_mean_std_table_plots_and_grids(evaluated):
     text = (out / "results.md").read_text()
     assert "## Prompt set `eval`" in text
     assert "| Teacher | 1 | 2 | 2 |" in text and " ± " in text  # two runs: mean ± std
-    assert "| Student | 1 | 1 | 1 |" in text
+    assert "| LCM | 2 | 2 | 1 |" in text and "| Step distillation | 1 | 1 | 1 |" in text
     for name in ("plots_eval.png", "samples_eval.png"):
         assert (out / name).stat().st_size > 1000
 
@@ -156,7 +191,7 @@ def test_rerun_skips_done_rows_and_recomputes_missing_ones(evaluated, monkeypatc
 
 
 def test_eval_config_errors_name_the_problem(tiny_assets, tmp_path):
-    config = eval_config(tiny_assets)
+    config = eval_config(tiny_assets, tmp_path / "unused.msgpack")
     with config.unlocked():
         config.runs = [dict(config.runs[0], name="x", overrides={"sample.no_such_key": 1})]
     with pytest.raises(KeyError, match=r"sample\.no_such_key"):

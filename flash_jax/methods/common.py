@@ -111,14 +111,18 @@ class LatentDiscriminator:
         self, rng: Array, teacher_unet: Any, text_params: Any, empty_tokens: Array, image_size: int
     ) -> Any:
         """Fresh head parameters (shapes read off the teacher's features at `image_size`)."""
-        x = jnp.zeros(self.model.latent_shape(1, image_size))
-        context, pooled = self.model.encode_text_pooled(
-            text_params, jnp.asarray(empty_tokens)[None]
-        )
-        _, features = self.model.apply_unet(
-            teacher_unet, x, jnp.zeros((1,)), context, return_features=True
-        )
-        return self.heads.init(rng, features, jnp.zeros((1,)), pooled)["params"]
+
+        @jax.jit  # one compile instead of op-by-op execution of the teacher
+        def init(rng, teacher_unet, text_params):
+            x = jnp.zeros(self.model.latent_shape(1, image_size))
+            tokens = jnp.asarray(empty_tokens)[None]
+            context, pooled = self.model.encode_text_pooled(text_params, tokens)
+            _, features = self.model.apply_unet(
+                teacher_unet, x, jnp.zeros((1,)), context, return_features=True
+            )
+            return self.heads.init(rng, features, jnp.zeros((1,)), pooled)["params"]
+
+        return init(rng, teacher_unet, text_params)
 
     def loss(
         self,
