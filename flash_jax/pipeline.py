@@ -9,15 +9,17 @@ explicit parameter pytrees: `params = {"unet": ..., "text": ...}` and the VAE's 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 
 from flash_jax import diffusion, sampling, weights
 from flash_jax.data.tokenizer import WordTokenizer
 from flash_jax.models import autoencoder, text, unet
+
+if TYPE_CHECKING:  # ml_collections is only a type here: GPU boxes without it can import this
+    import ml_collections
 
 Array = jax.Array
 

@@ -21,11 +21,10 @@ config reads: model.*, schedule.*, teacher_workdir, autoencoder_workdir, and `im
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from flash_jax import diffusion, sampling
@@ -33,6 +32,9 @@ from flash_jax.methods import Method
 from flash_jax.models import discriminator as disc_lib
 from flash_jax.pipeline import T2I
 from flash_jax.train import checkpoint
+
+if TYPE_CHECKING:  # ml_collections is only a type here: GPU boxes without it can import this
+    import ml_collections
 
 Array = jax.Array
 

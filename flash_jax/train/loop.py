@@ -10,20 +10,22 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 from tqdm import tqdm
 
 from flash_jax import methods
-from flash_jax.data import shapes, sources
+from flash_jax.data import shapes
 from flash_jax.train import checkpoint, tensorboard
 from flash_jax.train.state import TrainState, init_state
 from flash_jax.train.step import compile_train_step, make_train_step
+
+if TYPE_CHECKING:  # ml_collections is only a type here: GPU boxes without it can import this
+    import ml_collections
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,8 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
 
 def make_data(config: ml_collections.ConfigDict, batch_size: int, split: str = "train"):
     """The per-host Grain iterator for `config.data` (see `sources.make_shapes_dataset`)."""
+    from flash_jax.data import sources  # grain + TFDS: only the data path needs them
+
     if config.source != "shapes":
         raise ValueError(f"config.data.source={config.source!r}: only 'shapes' is available")
     ds = sources.make_shapes_dataset(
