@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import os
 import statistics
@@ -21,8 +22,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
+from flash_jax.methods import Method
+from flash_jax.models import autoencoder
+from flash_jax.pipeline import T2I
 from flash_jax.train import checkpoint
+from flash_jax.train import state as state_lib
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -253,6 +259,11 @@ def sd15_config(
     )
 
 
+def init_autoencoder(model: T2I, rng: jax.Array) -> Any:
+    """Random VAE params for `model` (jitted init: no eager op-by-op dispatch at SD size)."""
+    return jax.jit(functools.partial(autoencoder.init_params, model.autoencoder))(rng)
+
+
 @contextlib.contextmanager
 def frozen_in_memory(trees: dict[str, Any]) -> Iterator[None]:
     """Serves `checkpoint.load_params(path)` from `trees` (path -> params) while active, so a
@@ -268,6 +279,44 @@ def frozen_in_memory(trees: dict[str, Any]) -> Iterator[None]:
         yield
     finally:
         checkpoint.load_params = original
+
+
+def imagine_flash_state(
+    config: Any,
+    method: Method,
+    tx: optax.GradientTransformation,
+    disc_tx: optax.GradientTransformation,
+    rng: jax.Array,
+    teacher: Any,
+    vae: Any,
+) -> state_lib.TrainState:
+    """The Imagine Flash TrainState at step 0 (student = teacher, fresh discriminator), built by
+    the method's own `init` / `init_discriminator` from the frozen `teacher` / `vae` trees.
+    Traceable: `jax.jit` it for arrays (the outputs are fresh buffers, safe to donate), or
+    `jax.eval_shape` it on `jax.ShapeDtypeStruct`s for an abstract state (no weights)."""
+    with frozen_in_memory(_frozen_paths(config, teacher, vae)):
+        params = method.init(rng)
+        disc = method.init_discriminator(rng) if method.init_discriminator else None
+    return state_lib.init_state(params, tx, rng, disc, disc_tx if disc is not None else None)
+
+
+def imagine_flash_frozen(config: Any, method: Method, teacher: Any, vae: Any) -> Any:
+    """`method.load_frozen()` served from the in-memory `teacher` / `vae` trees."""
+    with frozen_in_memory(_frozen_paths(config, teacher, vae)):
+        return method.load_frozen()
+
+
+def _frozen_paths(config: Any, teacher: Any, vae: Any) -> dict[str, Any]:
+    return {str(config.teacher_workdir): teacher, str(config.autoencoder_workdir): vae}
+
+
+def imagine_flash_batch(method: Method, batch_size: int, image_size: int) -> dict[str, Any]:
+    """A prepared batch of black images with one caption (content does not change the cost)."""
+    raw = {
+        "image": np.zeros((batch_size, image_size, image_size, 3), np.uint8),
+        "caption": ["a red circle and a blue square"] * batch_size,
+    }
+    return method.prepare_batch(raw)
 
 
 # ------------------------------------------------------------------------------ output

@@ -39,15 +39,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common
-from flash_jax import sampling
+from benchmarks import sampling as sampling_bench
 from flash_jax.methods import imagine_flash as ifl
-from flash_jax.models import autoencoder
 from flash_jax.pipeline import T2I
 from flash_jax.train import loop
-from flash_jax.train import state as state_lib
 from flash_jax.train import step as step_lib
-
-PROMPT = "a red circle and a blue square"
 
 
 def parse_args() -> argparse.Namespace:
@@ -118,7 +114,8 @@ class Run:
 
 def peak_section(args: argparse.Namespace) -> dict:
     return {
-        "matmul": common.matmul_peak(args.peak_n, args.peak_iters),
+        # In the model's dtype: MFU compares like with like (bf16 on GPU; the fp32 CPU smoke test).
+        "matmul": common.matmul_peak(args.peak_n, args.peak_iters, jnp.dtype(args.dtype)),
         "copy": common.copy_bandwidth(args.copy_mib << 20, args.peak_iters),
     }
 
@@ -174,22 +171,13 @@ def main() -> None:
         k_model, k_vae, k_noise, k_state = jax.random.split(jax.random.PRNGKey(0), 4)
         start = time.perf_counter()
         teacher = jax.jit(model.init)(k_model)
-        vae = jax.jit(functools.partial(autoencoder.init_params, model.autoencoder))(k_vae)
+        vae = common.init_autoencoder(model, k_vae)
         jax.block_until_ready((teacher, vae))
         init_s = time.perf_counter() - start
-        b, size = args.batch, config.data.image_size
-        tokenizer = model.tokenizer()
-        tokens = jnp.asarray(tokenizer([PROMPT] * b))
-        empty = jnp.asarray(tokenizer([""] * b))
-        ctx.update(model=model, teacher=teacher, vae=vae, tokens=tokens, empty=empty)
-        ctx["x_T"] = jax.random.normal(k_noise, model.latent_shape(b, size))
-        ctx["k_state"] = k_state
+        x_T = jax.random.normal(k_noise, model.latent_shape(args.batch, config.data.image_size))
+        ctx.update(model=model, teacher=teacher, vae=vae, x_T=x_T, k_state=k_state)
+        ctx["unet_flops"] = sampling_bench.unet_flops(model, teacher["unet"], x_T)
         count = lambda tree: int(sum(x.size for x in jax.tree.leaves(tree)))  # noqa: E731
-        # FLOPs of one UNet evaluation at batch b (unoptimised HLO: no loops, no fusion effects).
-        t = jnp.full((b,), 500.0)
-        context = jnp.zeros((b, model.max_length, model.text.hidden_size))
-        lowered = jax.jit(model.apply_unet).lower(teacher["unet"], ctx["x_T"], t, context)
-        ctx["unet_flops"] = common.flops_of(lowered)
         return {
             "init_s": init_s,
             "unet_params": count(teacher["unet"]),
@@ -206,41 +194,19 @@ def main() -> None:
         return
 
     compiles = Compiles(args.compile_threads)
-    samplers: dict[str, tuple[sampling.SamplerConfig, Callable[[], Any], int]] = {}
-    model, teacher = ctx["model"], ctx["teacher"]
+    jobs: dict[str, sampling_bench.Job] = {}
     if "sampling" in args.sections:
-        encode = jax.jit(model.encode_text)
-        decode = jax.jit(model.to_images)
-        cond = encode(teacher["text"], ctx["tokens"])
-        uncond = encode(teacher["text"], ctx["empty"])
-        configs = {
-            f"student {n}": sampling.SamplerConfig(num_steps=n, noise_correction=True)
-            for n in args.student_steps
-        }
-        configs[f"teacher {args.teacher_steps} CFG"] = sampling.SamplerConfig(
-            num_steps=args.teacher_steps, guidance_scale=args.guidance
+        jobs = sampling_bench.make_jobs(
+            ctx["model"],
+            ctx["teacher"],
+            ctx["vae"],
+            ctx["x_T"],
+            args.student_steps,
+            (args.teacher_steps,),
+            args.guidance,
         )
-        for name, cfg in configs.items():
-            fn = functools.partial(
-                sampling.sample,
-                model.apply_unet,
-                teacher["unet"],
-                ctx["x_T"],
-                model.schedule,
-                cfg,
-                cond=cond,
-                uncond=uncond if cfg.guidance_scale != 1 else None,
-            )
-            evals = cfg.num_steps * (2 if cfg.guidance_scale != 1 else 1)  # per image
-            samplers[name] = (cfg, fn, evals)
-        samplers["text encode"] = (
-            None,
-            functools.partial(encode, teacher["text"], ctx["tokens"]),
-            0,
-        )
-        samplers["vae decode"] = (None, functools.partial(decode, ctx["vae"], ctx["x_T"]), 0)
-        for name, (_, fn, _) in samplers.items():
-            compiles.submit(name, fn)
+        for name, job in jobs.items():
+            compiles.submit(name, job.call)
 
     if "train" in args.sections:
         # Traced here while the sampling programs compile on the pool.
@@ -249,7 +215,7 @@ def main() -> None:
             compiles.submit("train step", ctx.pop("lowered").compile)
 
     if "sampling" in args.sections:
-        run.section("sampling", lambda: sampling_section(run, samplers, compiles, peak_tflops, ctx))
+        run.section("sampling", lambda: sampling_section(run, jobs, compiles, peak_tflops, ctx))
     if "train step" in compiles.futures:
         run.section("train", lambda: train_section(run, compiles, peak_tflops, ctx))
     run.results["compile_s"] = compiles.seconds
@@ -263,84 +229,43 @@ def main() -> None:
 def prepare_train(args: argparse.Namespace, config: common.Config, ctx: dict) -> dict:
     """The Imagine Flash method, state, frozen models and batch; lowers the fused step."""
     teacher, vae = ctx["teacher"], ctx["vae"]
-    with common.frozen_in_memory(
-        {config.teacher_workdir: teacher, config.autoencoder_workdir: vae}
-    ):
-        method = ifl.make(config)
-        # The student starts as the teacher; copied because the step donates its state.
-        params = jax.tree.map(jnp.copy, method.init(ctx["k_state"]))
-        frozen = method.load_frozen()
-
-    def init_disc(rng, teacher_params, vae_params):
-        served = {config.teacher_workdir: teacher_params, config.autoencoder_workdir: vae_params}
-        with common.frozen_in_memory(served):
-            return method.init_discriminator(rng)
-
-    disc = jax.jit(init_disc)(ctx["k_state"], teacher, vae)
+    method = ifl.make(config)
     tx = loop.make_optimizer(config.optimizer)
     disc_tx = loop.make_optimizer(config.disc_optimizer)
-    state = state_lib.init_state(params, tx, ctx["k_state"], disc, disc_tx)
+    build = functools.partial(common.imagine_flash_state, config, method, tx, disc_tx)
+    state = jax.jit(build)(ctx["k_state"], teacher, vae)
+    frozen = common.imagine_flash_frozen(config, method, teacher, vae)
     size = config.data.image_size
-    raw = {
-        "image": np.zeros((args.batch, size, size, 3), np.uint8),
-        "caption": [PROMPT] * args.batch,
-    }
-    batch = jax.device_put(method.prepare_batch(raw))
+    batch = jax.device_put(common.imagine_flash_batch(method, args.batch, size))
     step = step_lib.make_train_step(method, tx, ema_decay=config.ema_decay, disc_tx=disc_tx)
     start = time.perf_counter()
     lowered = step_lib.compile_train_step(step).lower(state, frozen, batch)
     lower_s = time.perf_counter() - start
     ctx.update(state=state, frozen=frozen, batch=batch, lowered=lowered, lower_s=lower_s)
     count = lambda tree: int(sum(x.size for x in jax.tree.leaves(tree)))  # noqa: E731
-    return {"lower_s": lower_s, "disc_params": count(disc), "image_size": size}
+    return {"lower_s": lower_s, "disc_params": count(state.disc_params), "image_size": size}
 
 
 def sampling_section(
-    run: Run, samplers: dict, compiles: Compiles, peak_tflops: float | None, ctx: dict
+    run: Run, jobs: dict, compiles: Compiles, peak_tflops: float | None, ctx: dict
 ) -> dict:
-    args = run.args
-    b = args.batch
-    out: dict[str, Any] = {}
-    for name, (cfg, fn, evals) in samplers.items():
-        if run.over_budget():
-            out[name] = {"skipped": f"over --budget-s {args.budget_s}"}
-            continue
-        try:
-            compiles.result(name)
-            busy = compiles.running()  # compiles still running (they share the machine)
-            stats = common.timed(fn, iters=args.iters)
-        except Exception as e:  # one sampler failing keeps the others
-            traceback.print_exc()
-            out[name] = {"error": f"{type(e).__name__}: {e}"}
-            continue
-        row = {"latency_ms": stats["median_ms"], "min_ms": stats["min_ms"], "compiling": busy}
-        if cfg is not None:
-            flops = evals * ctx["unet_flops"]  # UNet evaluations per image × batch-b FLOPs
-            tflops = flops / (stats["median_ms"] * 1e-3) / 1e12
-            row |= {
-                "steps": cfg.num_steps,
-                "unet_evals_per_image": evals,
-                "images_per_s": b / (stats["median_ms"] * 1e-3),
-                "tflops": tflops,
-                "mfu": tflops / peak_tflops if peak_tflops else None,
-            }
-        out[name] = row
-    # End to end: text encoding (cond, + uncond with CFG), the sampler, VAE decoding.
-    if "latency_ms" in out.get("text encode", {}) and "latency_ms" in out.get("vae decode", {}):
-        for row in out.values():
-            if "steps" in row:
-                encodes = 2 if row["unet_evals_per_image"] > row["steps"] else 1
-                extra = encodes * out["text encode"]["latency_ms"] + out["vae decode"]["latency_ms"]
-                row["end_to_end_ms"] = row["latency_ms"] + extra
-                row["end_to_end_images_per_s"] = b / (row["end_to_end_ms"] * 1e-3)
-    teacher = next((v for k, v in out.items() if k.startswith("teacher") and "steps" in v), None)
-    if teacher:
-        for name, row in out.items():
-            if name.startswith("student") and "steps" in row:
-                row["speedup"] = teacher["latency_ms"] / row["latency_ms"]
-                row["ideal_speedup"] = teacher["unet_evals_per_image"] / row["unet_evals_per_image"]
-                if "end_to_end_ms" in row:
-                    row["end_to_end_speedup"] = teacher["end_to_end_ms"] / row["end_to_end_ms"]
+    busy = {}
+
+    def ready(name: str) -> None:
+        compiles.result(name)
+        busy[name] = compiles.running()  # still compiling while this one is timed
+
+    out = sampling_bench.measure(
+        jobs,
+        batch=run.args.batch,
+        iters=run.args.iters,
+        flops_per_eval=ctx["unet_flops"],
+        peak_tflops=peak_tflops,
+        ready=ready,
+        over_budget=run.over_budget,
+    )
+    for name, compiling in busy.items():
+        out[name]["compiling"] = compiling
     return out
 
 
@@ -394,29 +319,13 @@ def print_summary(results: dict) -> None:
     if "matmul" in peak:
         m, c = peak["matmul"], peak["copy"]
         print(
-            f"matmul peak {m['tflops']:.1f} TFLOP/s ({m['dtype']} {m['n']}³), copy {c['gb_per_s']:.0f} GB/s"
+            f"matmul peak {m['tflops']:.3g} TFLOP/s ({m['dtype']} {m['n']}³), copy {c['gb_per_s']:.0f} GB/s"
         )
-    rows = []
-    for name, row in results.get("sampling", {}).items():
-        if isinstance(row, dict) and "steps" in row:
-            rows.append(
-                [
-                    name,
-                    row["latency_ms"],
-                    row["images_per_s"],
-                    row.get("end_to_end_images_per_s", ""),
-                    row.get("speedup", ""),
-                    row.get("ideal_speedup", ""),
-                    row["mfu"] if row["mfu"] is not None else "",
-                ]
-            )
-    for name in ("text encode", "vae decode"):
-        row = results.get("sampling", {}).get(name, {})
-        if "latency_ms" in row:
-            print(f"{name}: {row['latency_ms']:.1f} ms per batch")
-    if rows:
-        header = ["sampler", "ms/batch", "img/s", "img/s e2e", "speedup", "ideal", "MFU"]
-        print(common.table(rows, header))
+    if "sampling" in results and "error" not in results["sampling"]:
+        teacher = next(k for k in results["sampling"] if k.startswith("teacher"))
+        sampling_bench.print_table(
+            results["sampling"], teacher.removeprefix("teacher ").replace(" ", "_")
+        )
     train = results.get("train", {})
     if "ms_per_step" in train:
         mem = train["memory_analysis"].get("total_bytes", 0) / 2**30

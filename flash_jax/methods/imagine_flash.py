@@ -210,6 +210,31 @@ def srl_target(
     return jax.lax.stop_gradient(x0_teacher), t_phi
 
 
+def discriminator_logits(
+    model: T2I,
+    ifc: ImagineFlashConfig,
+    disc_params: Any,
+    teacher_unet: Any,
+    x0: Array,
+    context: Array,
+    pooled: Array,
+    rng: Array,
+) -> Array:
+    """D's logits on latents `x0` (B, h, w, c) re-noised to a random level t_d ∈ [0, disc_t_max):
+    the frozen teacher UNet's down/mid features of the noisy latents, through the trainable heads
+    (gradients flow to `disc_params` and to `x0`)."""
+    k_t, k_eps = jax.random.split(rng)
+    b = x0.shape[0]
+    t_d = jax.random.randint(k_t, (b,), 0, ifc.disc_t_max)
+    a, s = (_bcast(v) for v in model.schedule.alpha_sigma(t_d))
+    noisy = diffusion.add_noise(x0, jax.random.normal(k_eps, x0.shape), a, s)
+    _, features = model.apply_unet(
+        teacher_unet, noisy, t_d.astype(jnp.float32), context, return_features=True
+    )
+    discriminator = disc_lib.Discriminator(width=ifc.disc_width)
+    return discriminator.apply({"params": disc_params}, features, t_d, pooled)
+
+
 def make(config: ml_collections.ConfigDict) -> Method:
     ifc = ImagineFlashConfig(**config.imagine_flash.to_dict())
     model = T2I.from_config(config)
@@ -260,20 +285,9 @@ def make(config: ml_collections.ConfigDict) -> Method:
         return x_t, t
 
     def disc_logits(disc_params, frozen, x0, context, pooled, rng):
-        """D on x0 re-noised to a random level t_d ∈ [0, disc_t_max)."""
-        k_t, k_eps = jax.random.split(rng)
-        b = x0.shape[0]
-        t_d = jax.random.randint(k_t, (b,), 0, ifc.disc_t_max)
-        a, s = (_bcast(v) for v in schedule.alpha_sigma(t_d))
-        noisy = diffusion.add_noise(x0, jax.random.normal(k_eps, x0.shape), a, s)
-        _, features = model.apply_unet(
-            frozen["teacher"]["unet"],
-            noisy,
-            t_d.astype(jnp.float32),
-            context,
-            return_features=True,
+        return discriminator_logits(
+            model, ifc, disc_params, frozen["teacher"]["unet"], x0, context, pooled, rng
         )
-        return discriminator.apply({"params": disc_params}, features, t_d, pooled)
 
     def generator_loss(params, frozen, batch, rng, disc_params=None):
         k_student, k_srl, k_adv = jax.random.split(rng, 3)
