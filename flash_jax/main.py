@@ -1,7 +1,7 @@
 """Command-line entry point.
 
   python -m flash_jax.main --config configs/shapes/teacher.py[:variant] --workdir DIR \
-      [--config.key=value ...] [--mode train]
+      [--config.key=value ...] [--mode train] [--distributed auto|on|off]
   python -m flash_jax.main --config ... --workdir DIR --mode sample --prompts "a red circle;two blue stars" \
       [--steps 3] [--guidance 1] [--noise_correction] [--out grid.png]
 
@@ -9,10 +9,15 @@ Configs are ml_collections files whose `get_config(arg)` returns a LOCKED Config
 `--config.key` or a value of the wrong type is an error before anything is built or compiled.
 `sample` draws a captioned grid from the EMA parameters of the run in `--workdir` (a student of
 `imagine_flash` uses its teacher's text encoder).
+
+Multi-process launches (SLURM, MPI, TPU pods) run the same command on every process; `--distributed`
+decides `jax.distributed.initialize()` (flash_jax/parallel.py). Exit codes of `train`: 0 finished,
+75 (`preemption.EXIT_CODE`) stopped by SIGTERM after checkpointing (rerun to resume), other = error.
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import jax
@@ -21,13 +26,20 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from flash_jax import pipeline, sampling
+from flash_jax import parallel, pipeline, sampling
 from flash_jax.pipeline import T2I
-from flash_jax.train import checkpoint, loop
+from flash_jax.train import checkpoint, loop, preemption
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file[:variant]", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics, samples)")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "sample"], "what to do")
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed",
+    "auto",
+    ["auto", "on", "off"],
+    "jax.distributed.initialize(): auto = when the environment shows several processes "
+    "(SLURM, MPI, TPU worker list); on = always (Cloud TPU VM pods)",
+)
 _PROMPTS = flags.DEFINE_string(
     "prompts", "", "sample: prompts separated by ';', or @file (one per line)"
 )
@@ -79,8 +91,11 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax is chatty at INFO
+    parallel.initialize_distributed(_DISTRIBUTED.value)
     if _MODE.value == "train":
-        loop.train(_CONFIG.value, _WORKDIR.value)
+        state = loop.train(_CONFIG.value, _WORKDIR.value)
+        if int(state.step) < _CONFIG.value.total_steps:  # stopped by SIGTERM, checkpointed
+            sys.exit(preemption.EXIT_CODE)
     elif _MODE.value == "sample":
         sample(_CONFIG.value, _WORKDIR.value)
 

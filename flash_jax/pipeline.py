@@ -190,6 +190,21 @@ class T2I:
             }
         return {"unet": unet.init_params(self.unet, k_unet), "text": text_params}
 
+    def logical_axes(self) -> dict[str, Any]:
+        """`{"unet", "text", "vae"}` abstract parameter trees whose kernels are boxed with their
+        logical axis names (`nn.LogicallyPartitioned` of ShapeDtypeStructs): the annotations
+        `parallel.tree_shardings` shards parameters, optimizer state and frozen models by."""
+        rng = jax.random.PRNGKey(0)
+        ids = jnp.zeros((1, self.text.max_position_embeddings), jnp.int32)
+        side = self.autoencoder.downsample_factor
+        image = jnp.zeros((1, side, side, self.autoencoder.in_channels), jnp.float32)
+        boxed = {
+            "unet": lambda: unet.UNet(self.unet).init(rng, **unet.dummy_inputs(self.unet)),
+            "text": lambda: text.CLIPTextModel(self.text).init(rng, ids),
+            "vae": lambda: autoencoder.AutoencoderKL(self.autoencoder).init(rng, image),
+        }
+        return {k: jax.eval_shape(f)["params"] for k, f in boxed.items()}
+
     def check(self, params: Any, source: str) -> Any:
         """`params` (`{"unet", "text"}` or a subset), after checking every name and shape against
         this model: a checkpoint of another configuration is an error naming the tensors."""

@@ -33,6 +33,10 @@ class Method:
       prepare_batch: host-side `raw numpy batch -> dict of arrays` for the step (tokenize
         captions, scale images); runs outside jit, must drop non-array fields such as captions.
       sample: `(params, frozen, batch, rng) -> uint8 images (B, H, W, 3)` for periodic grids, or None.
+      logical_axes: `() -> tree` of the models' abstract parameters with kernels boxed by their
+        logical axis names (e.g. `pipeline.T2I.logical_axes()`), or None. Parameters, optimizer
+        state and frozen models whose paths end like an annotated kernel's are sharded by
+        `config.sharding_rules` (`parallel.tree_shardings`); the rest by size.
     """
 
     init: Callable[[jax.Array], PyTree]
@@ -42,6 +46,7 @@ class Method:
     init_discriminator: Callable[[jax.Array], PyTree] | None = None
     discriminator_loss: Callable[..., tuple[jax.Array, dict[str, jax.Array]]] | None = None
     sample: Callable[..., jax.Array] | None = None
+    logical_axes: Callable[[], PyTree] | None = None
 
 
 def get(name: str) -> Callable[[Any], Method]:

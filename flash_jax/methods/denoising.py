@@ -74,4 +74,5 @@ def make(config: ml_collections.ConfigDict) -> Method:
         generator_loss=generator_loss,
         prepare_batch=prepare_batch,
         sample=sample,
+        logical_axes=model.logical_axes,
     )

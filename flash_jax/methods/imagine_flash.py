@@ -311,11 +311,22 @@ def make(config: ml_collections.ConfigDict) -> Method:
         return loss, aux
 
     def init_discriminator(rng: Array) -> Any:
-        frozen = load_frozen()
-        x = jnp.zeros(model.latent_shape(1, config.data.image_size))
-        context, pooled, _ = conditioning(frozen, {"tokens": jnp.asarray(empty_tokens)[None]})
-        _, features = model.apply_unet(
-            frozen["teacher"]["unet"], x, jnp.zeros((1,)), context, return_features=True
+        # Only the teacher's feature and pooled-text SHAPES matter: found abstractly, so neither
+        # reading the teacher nor running it becomes part of the (sharded, jitted) init.
+        def teacher_outputs(teacher):
+            x = jnp.zeros(model.latent_shape(1, config.data.image_size))
+            context, pooled, _ = conditioning(
+                {"teacher": teacher}, {"tokens": jnp.asarray(empty_tokens)[None]}
+            )
+            _, features = model.apply_unet(
+                teacher["unet"], x, jnp.zeros((1,)), context, return_features=True
+            )
+            return features, pooled
+
+        abstract_teacher = jax.eval_shape(model.init, jax.random.PRNGKey(0))
+        features, pooled = jax.tree.map(
+            lambda s: jnp.zeros(s.shape, s.dtype),
+            jax.eval_shape(teacher_outputs, abstract_teacher),
         )
         return discriminator.init(rng, features, jnp.zeros((1,)), pooled)["params"]
 
@@ -342,4 +353,5 @@ def make(config: ml_collections.ConfigDict) -> Method:
         init_discriminator=init_discriminator if adversarial else None,
         discriminator_loss=discriminator_loss if adversarial else None,
         sample=sample,
+        logical_axes=model.logical_axes,
     )
