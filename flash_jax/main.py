@@ -1,7 +1,7 @@
 """Command-line entry point.
 
   python -m flash_jax.main --config configs/shapes/teacher.py[:variant] --workdir DIR \
-      [--config.key=value ...] [--mode train]
+      [--config.key=value ...] [--mode train] [--distributed auto|on|off]
   python -m flash_jax.main --config ... --workdir DIR --mode sample --prompts "a red circle;two blue stars" \
       [--steps 3] [--guidance 1] [--noise_correction] [--out grid.png]
   python -m flash_jax.main --config configs/shapes/comparison.py --workdir RUNS --mode eval
@@ -12,10 +12,15 @@ Configs are ml_collections files whose `get_config(arg)` returns a LOCKED Config
 `imagine_flash` uses its teacher's text encoder). `eval` evaluates the runs an evaluation config
 lists (flash_jax/eval/evaluate.py, `run_evaluation`) and writes the tables, plots and sample grids
 under WORKDIR; rerunning it skips the rows already computed.
+
+Multi-process launches (SLURM, MPI, TPU pods) run the same command on every process; `--distributed`
+decides `jax.distributed.initialize()` (flash_jax/parallel.py). Exit codes of `train`: 0 finished,
+75 (`preemption.EXIT_CODE`) stopped by SIGTERM after checkpointing (rerun to resume), other = error.
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import jax
@@ -24,14 +29,21 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from flash_jax import sampling
+from flash_jax import parallel, pipeline, sampling
 from flash_jax.eval import evaluate
 from flash_jax.pipeline import T2I
-from flash_jax.train import checkpoint, loop
+from flash_jax.train import checkpoint, loop, preemption
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file[:variant]", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics, samples)")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "eval"], "what to do")
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed",
+    "auto",
+    ["auto", "on", "off"],
+    "jax.distributed.initialize(): auto = when the environment shows several processes "
+    "(SLURM, MPI, TPU worker list); on = always (Cloud TPU VM pods)",
+)
 _PROMPTS = flags.DEFINE_string(
     "prompts", "", "sample: prompts separated by ';', or @file (one per line)"
 )
@@ -59,12 +71,10 @@ def sample(config, workdir: str) -> Path:
     model = T2I.from_config(config)
     params = checkpoint.load_params(workdir)
     if config.method == "imagine_flash":
-        params = {
-            "unet": params["unet"],
-            "text": checkpoint.load_params(config.teacher_workdir)["text"],
-        }
+        teacher_text = pipeline.load_teacher(config, model, parts=("text",))["text"]
+        params = {"unet": params["unet"], "text": teacher_text}
     model.check(params, workdir)
-    vae = checkpoint.load_params(config.autoencoder_workdir)
+    vae = pipeline.load_autoencoder(config, model)
     sampler = sampling.SamplerConfig(
         num_steps=_STEPS.value, guidance_scale=_GUIDANCE.value, noise_correction=_NC.value
     )
@@ -85,8 +95,11 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax is chatty at INFO
+    parallel.initialize_distributed(_DISTRIBUTED.value)
     if _MODE.value == "train":
-        loop.train(_CONFIG.value, _WORKDIR.value)
+        state = loop.train(_CONFIG.value, _WORKDIR.value)
+        if int(state.step) < _CONFIG.value.total_steps:  # stopped by SIGTERM, checkpointed
+            sys.exit(preemption.EXIT_CODE)
     elif _MODE.value == "sample":
         sample(_CONFIG.value, _WORKDIR.value)
     elif _MODE.value == "eval":

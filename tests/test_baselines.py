@@ -11,11 +11,12 @@ import optax
 import pytest
 
 from configs.shapes import add as add_config
+from configs.shapes import imagine_flash as if_config
 from configs.shapes import lcm as lcm_config
 from configs.shapes import step_distill as sd_config
-from flash_jax import diffusion, methods, sampling
+from flash_jax import diffusion, methods, parallel, sampling
 from flash_jax.data import shapes
-from flash_jax.methods import add, common, lcm, step_distill
+from flash_jax.methods import add, common, imagine_flash, lcm, step_distill
 from flash_jax.models import layers
 from flash_jax.pipeline import T2I
 from flash_jax.train import checkpoint
@@ -127,9 +128,9 @@ def test_r1_penalty_is_the_squared_gradient_norm_on_real_latents(tiny_assets):
     teacher = jax.device_get(checkpoint.load_params(config.teacher_workdir))
     disc = common.LatentDiscriminator(model, width=8, t_max=750, r1_weight=0.5)
     empty = model.tokenizer()([""])[0]
-    disc_params = disc.init(jax.random.PRNGKey(0), teacher["unet"], teacher["text"], empty, 16)
+    disc_params = disc.init(jax.random.PRNGKey(0), 16, empty)
     tokens = model.tokenizer()(["a red circle", "two blue stars"])
-    context, pooled, _ = common.text_conditioning(model, teacher["text"], tokens, empty)
+    context, pooled, _ = common.conditioning(model, teacher["text"], {"tokens": tokens}, empty)
     real, fake = jax.random.normal(jax.random.PRNGKey(1), (2, B, 4, 4, 4))
     k_real, k_fake = jax.random.split(jax.random.PRNGKey(2))
 
@@ -252,8 +253,8 @@ def test_lcm_teacher_step_is_one_guided_ddim_step(lcm_setup):
     teacher = frozen["teacher"]
     z = jax.random.normal(jax.random.PRNGKey(5), (B, 4, 4, 4))
     tokens = model.tokenizer()(["a red circle", "two blue stars"])
-    context, _, uncond = common.text_conditioning(
-        model, teacher["text"], tokens, model.tokenizer()([""])[0]
+    context, _, uncond = common.conditioning(
+        model, teacher["text"], {"tokens": tokens}, model.tokenizer()([""])[0]
     )
 
     @jax.jit
@@ -487,7 +488,7 @@ def test_step_distillation_progressive_stage_trains_from_the_previous_run(
     method = step_distill.make(config)
     params, frozen = method.init(None), method.load_frozen()
     for a, b, c in zip(
-        *(jax.tree.leaves(x) for x in (student, params["unet"], frozen["teacher_unet"])),
+        *(jax.tree.leaves(x) for x in (student, params["unet"], frozen["teacher"]["unet"])),
         strict=True,
     ):
         np.testing.assert_array_equal(a, b)
@@ -495,3 +496,83 @@ def test_step_distillation_progressive_stage_trains_from_the_previous_run(
     states, records = train_steps(method, params, frozen, batch)
     assert all(r["finite"] == 1.0 and np.isfinite(r["loss"]) for r in records)
     assert max_abs(jax.tree.map(jnp.subtract, states[-1].params, params)) > 0
+
+
+# ------------------------------------------------------- every distillation: mesh and cached data
+
+DISTILLATIONS = {
+    "imagine_flash": (imagine_flash, if_config),
+    "lcm": (lcm, lcm_config),
+    "step_distill": (step_distill, sd_config),
+    "add": (add, add_config),
+}
+
+
+def _path(path) -> tuple[str, ...]:
+    return tuple(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+@pytest.mark.parametrize("name", sorted(DISTILLATIONS))
+def test_every_kernel_has_logical_axes(name, tiny_assets):
+    """What the trainer shards by `config.sharding_rules`: every kernel of the trainable and
+    frozen trees (LCM's target network included) matches an annotated kernel of the same shape
+    by path suffix (`parallel.tree_shardings`); the rest would fall back to size-based FSDP."""
+    module, config_module = DISTILLATIONS[name]
+    method = module.make(tiny_config(config_module, tiny_assets))
+    table = parallel.annotation_table(method.logical_axes())
+    trees = {"params": jax.eval_shape(method.init, jax.random.PRNGKey(0))}
+    trees["frozen"] = method.load_frozen()
+    kernels = 0
+    for path, leaf in jax.tree_util.tree_flatten_with_path(trees)[0]:
+        key = _path(path)
+        if key[-1] != "kernel":
+            continue
+        kernels += 1
+        suffixes = [key[i:] for i in range(len(key)) if key[i:] in table]
+        assert suffixes, f"{name}: {'/'.join(key)} has no logical axes"
+        assert table[suffixes[0]][0] == tuple(leaf.shape), "/".join(key)
+    assert kernels > 50
+
+
+def cached(method, model, frozen, batch):
+    """`batch` as the latent cache (flash_jax/data/cache.py) writes it, from the same frozen VAE
+    and text encoder: posterior moments and prompt embeddings instead of images."""
+    mean, std = jax.jit(model.latent_moments)(frozen["vae"], batch["image"])
+    embeds, pooled = jax.jit(model.embed_prompts)(frozen["teacher"]["text"], batch["tokens"])
+    raw = {
+        "latent_mean": mean,
+        "latent_std": std,
+        "prompt_embeds": embeds,
+        "pooled_prompt_embeds": pooled,
+        "tokens": batch["tokens"],
+    }
+    return method.prepare_batch(jax.tree.map(np.asarray, raw))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["lcm", "step_distill", "add"])
+def test_cached_batches_give_the_losses_of_raw_batches(name, tiny_assets):
+    """A batch of cached latents and embeddings gives the losses of the raw batch it was made
+    from: the cache's posterior sample `mean + std·ε` uses the same ε as the VAE encoder's."""
+    module, config_module = DISTILLATIONS[name]
+    config = tiny_config(config_module, tiny_assets)
+    method, model = module.make(config), T2I.from_config(config)
+    params, frozen = method.init(jax.random.PRNGKey(0)), method.load_frozen()
+    raw = make_batch(method)
+    batch = cached(method, model, frozen, raw)
+    assert "image" not in batch
+    disc = method.init_discriminator(jax.random.PRNGKey(1)) if method.init_discriminator else None
+    rng = jax.random.PRNGKey(2)
+
+    @jax.jit
+    def losses(batch):
+        loss, aux = method.generator_loss(params, frozen, batch, rng, disc)
+        out = {"loss": loss} | {k: v for k, v in aux.items() if k != "fake"}
+        if disc is not None:
+            out["disc"] = method.discriminator_loss(disc, aux["fake"], frozen, batch, rng)[0]
+        return out
+
+    from_raw, from_cache = losses(raw), losses(batch)
+    assert set(from_raw) == set(from_cache)
+    for k in from_raw:  # float32 rounding of the latents, through a random UNet
+        np.testing.assert_allclose(from_cache[k], from_raw[k], rtol=1e-4, err_msg=k)

@@ -76,6 +76,36 @@ def optimizer(learning_rate: float = 3e-4, warmup_steps: int = 200) -> ml_collec
     )
 
 
+# Logical axis names of the models (models/layers.py, models/text.py) → mesh axes. Activations:
+# batch over data×fsdp, channels over tensor; kernels: input features over fsdp, output features /
+# heads over tensor (Megatron-style). A rule is skipped where its mesh axes are taken or do not
+# divide the dimension; see flash_jax/parallel.py.
+SHARDING_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("conv_in", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("vocab", "tensor"),
+    ("conv_out", "tensor"),
+    ("channels", "tensor"),
+)
+
+
+def mesh(data: int = -1, fsdp: int = 1, tensor: int = 1) -> ml_collections.ConfigDict:
+    """Device mesh sizes (flash_jax/parallel.py); one per-slice and one across-slice size may be -1."""
+    return ml_collections.ConfigDict(
+        dict(
+            data=data,  # data parallel, inside a slice (ICI); -1 = the devices left
+            fsdp=fsdp,  # parameter + optimizer state sharding (ZeRO-3 / FSDP), inside a slice
+            tensor=tensor,  # tensor parallel (output features, attention heads), inside a slice
+            dcn_data=-1,  # data parallel across TPU slices (multislice); -1 = the slices left
+            dcn_fsdp=1,  # fsdp across slices
+            dcn_tensor=1,  # tensor parallel across slices
+        )
+    )
+
+
 def training(method: str, **overrides) -> ml_collections.ConfigDict:
     """The generic trainer's knobs (flash_jax/train/loop.py reads them)."""
     c = ml_collections.ConfigDict()
@@ -91,10 +121,16 @@ def training(method: str, **overrides) -> ml_collections.ConfigDict:
     c.ema_decay = 0.999  # EMA of the trainable params
     c.optimizer = optimizer()
     c.disc_optimizer = optimizer()  # used only by methods with a discriminator
+    c.mesh = mesh()
+    c.sharding_rules = SHARDING_RULES  # (logical axis, mesh axes) pairs, highest priority first
+    c.fsdp_min_size = 2**20  # unannotated arrays with >= this many elements are sharded over fsdp
+    c.frozen_dtype = (
+        "float32"  # frozen models (teacher, text encoder, VAE) on device: or "bfloat16"
+    )
     c.data = ml_collections.ConfigDict(
         dict(
-            source="shapes",  # the Shapes testbed (rendered on the fly unless data_dir is set)
-            data_dir="",  # prepared TFDS directory; empty renders on the fly
+            source="shapes",  # "shapes" (testbed) | "captions" (image–caption TFDS) | "cache"
+            data_dir="",  # prepared TFDS directory; empty renders Shapes on the fly
             num_records=0,  # train records; 0 = the split's default
             image_size=32,  # image side in pixels
             seed=0,  # Shapes generator seed

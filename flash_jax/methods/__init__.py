@@ -43,6 +43,10 @@ class Method:
         returns the parameters to keep. For per-step state that is not learned by gradient, kept
         inside the trainable pytree under stop-gradient: e.g. LCM's EMA target network
         `target ← μ·target + (1 − μ)·student`. Without it the update is kept as is.
+      logical_axes: `() -> tree` of the models' abstract parameters with kernels boxed by their
+        logical axis names (e.g. `pipeline.T2I.logical_axes()`), or None. Parameters, optimizer
+        state and frozen models whose paths end like an annotated kernel's are sharded by
+        `config.sharding_rules` (`parallel.tree_shardings`); the rest by size.
     """
 
     init: Callable[[jax.Array], PyTree]
@@ -54,6 +58,7 @@ class Method:
     sample: Callable[..., jax.Array] | None = None
     generate: Callable[..., jax.Array] | None = None
     post_update: Callable[[PyTree, PyTree], PyTree] | None = None
+    logical_axes: Callable[[], PyTree] | None = None
 
 
 def get(name: str) -> Callable[[Any], Method]:

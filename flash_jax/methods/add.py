@@ -16,24 +16,27 @@ The discriminator is Imagine Flash's (`common.LatentDiscriminator`: trainable he
 teacher's features, hinge loss) plus the paper's R1 penalty (`r1_weight`). Sampling uses
 `config.sample` (default: DDIM η = 1 on trailing steps, the ancestral sampler SDXL-Turbo ships with).
 
-config reads: model.*, schedule.*, teacher_workdir, autoencoder_workdir, sample.* and `add.*`
-(configs/shapes/add.py documents every knob).
+config reads: model.*, schedule.*, teacher_workdir, autoencoder_workdir (or model.pretrained),
+sample.* and `add.*` (configs/shapes/add.py documents every knob). Batches may carry cached latents
+and text embeddings (flash_jax/data/cache.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import functools
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 
-from flash_jax import diffusion, sampling
+from flash_jax import diffusion, pipeline, sampling
 from flash_jax.methods import Method, common
 from flash_jax.models import discriminator as disc_lib
 from flash_jax.pipeline import T2I
-from flash_jax.train import checkpoint
+
+if TYPE_CHECKING:  # ml_collections is only a type here: GPU boxes without it can import this
+    import ml_collections
 
 Array = jax.Array
 
@@ -66,8 +69,8 @@ def distillation_loss(
     x0_student: Array,
     t: Array,
     noise: Array,
-    context: Array,
-    uncond: Array,
+    context: Any,
+    uncond: Any,
     guidance_scale: float,
 ) -> tuple[Array, Array]:
     """`(L_distill, per-sample c(t)·‖x̂θ − x̂ψ‖² (B,))` for teacher timesteps `t` `(B,)` and the
@@ -104,28 +107,20 @@ def make(config: ml_collections.ConfigDict) -> Method:
     )
     adversarial = addc.adv_weight > 0
 
-    def load_teacher() -> dict[str, Any]:
-        teacher = checkpoint.load_params(config.teacher_workdir)
-        return model.check(teacher, f"teacher {config.teacher_workdir}")
-
-    def load_frozen() -> dict[str, Any]:
-        return {
-            "teacher": load_teacher(),
-            "vae": checkpoint.load_params(config.autoencoder_workdir),
-        }
+    load_teacher, load_frozen = common.frozen_loaders(config, model)
 
     def init(rng: Array) -> dict[str, Any]:
         del rng  # the student starts as the teacher
         return {"unet": load_teacher()["unet"]}
 
-    def conditioning(frozen, tokens):
-        return common.text_conditioning(model, frozen["teacher"]["text"], tokens, empty_tokens)
+    def conditioning(frozen, batch):
+        return common.conditioning(model, frozen["teacher"]["text"], batch, empty_tokens)
 
     def generator_loss(params, frozen, batch, rng, disc_params=None):
         k_lat, k_s, k_eps, k_t, k_renoise, k_adv = jax.random.split(rng, 6)
-        context, pooled, uncond = conditioning(frozen, batch["tokens"])
+        context, pooled, uncond = conditioning(frozen, batch)
         teacher_unet = frozen["teacher"]["unet"]
-        x0 = model.to_latents(frozen["vae"], batch["image"], k_lat)
+        x0 = model.batch_latents(frozen["vae"], batch, k_lat)
         b = x0.shape[0]
         s = student_ts[jax.random.randint(k_s, (b,), 0, addc.student_steps)]
         alpha, sigma = common.alpha_sigma(schedule, s)
@@ -154,15 +149,12 @@ def make(config: ml_collections.ConfigDict) -> Method:
         return loss, aux
 
     def init_discriminator(rng: Array) -> Any:
-        teacher = load_teacher()
-        return discriminator.init(
-            rng, teacher["unet"], teacher["text"], empty_tokens, config.data.image_size
-        )
+        return discriminator.init(rng, config.data.image_size, empty_tokens)
 
     def discriminator_loss(disc_params, fake, frozen, batch, rng):
         k_real, k_fake, k_lat = jax.random.split(rng, 3)
-        context, pooled, _ = conditioning(frozen, batch["tokens"])
-        real = model.to_latents(frozen["vae"], batch["image"], k_lat)
+        context, pooled, _ = conditioning(frozen, batch)
+        real = model.batch_latents(frozen["vae"], batch, k_lat)
         teacher_unet = frozen["teacher"]["unet"]
         return discriminator.loss(
             disc_params, teacher_unet, real, fake, context, pooled, k_real, k_fake
@@ -173,9 +165,10 @@ def make(config: ml_collections.ConfigDict) -> Method:
         init=init,
         load_frozen=load_frozen,
         generator_loss=generator_loss,
-        prepare_batch=common.prepare_batch_fn(tokenizer),
+        prepare_batch=functools.partial(pipeline.prepare_batch, tokenizer=tokenizer, model=model),
         init_discriminator=init_discriminator if adversarial else None,
         discriminator_loss=discriminator_loss if adversarial else None,
         sample=common.grid_sample(model, generate, sampler.num_steps),
         generate=generate,
+        logical_axes=model.logical_axes,
     )

@@ -48,4 +48,9 @@ def make(config: ml_collections.ConfigDict) -> Method:
         generator_loss=generator_loss,
         prepare_batch=prepare_batch,
         sample=sample,
+        logical_axes=lambda: jax.eval_shape(
+            autoencoder.AutoencoderKL(ae).init,
+            jax.random.PRNGKey(0),
+            jnp.zeros((1, ae.downsample_factor, ae.downsample_factor, ae.in_channels)),
+        )["params"],
     )

@@ -1,51 +1,66 @@
 """Pieces several methods share (this module is not a method: `config.method=common` is an error).
 
-- `prepare_batch_fn`, `text_conditioning`: the host-side batch and the prompt embeddings.
-- `alpha_sigma`, `predict_x0`: a network's clean estimate at integer timesteps.
+- `frozen_loaders`, `conditioning`: the frozen teacher and VAE, and a batch's prompt embeddings
+  (cached ones when the batch carries them, `pipeline.T2I.conditioning`) with the empty prompt's.
+- `alpha_sigma`, `predict_x0`: a network's clean estimate at integer timesteps;
+  `guided_teacher_output`: the teacher's CFG output with a per-sample scale.
 - `LatentDiscriminator`: the LADD-style discriminator over the frozen teacher UNet's features
-  (METHOD.md §4), shared by Imagine Flash and ADD: logits, initialisation, hinge loss with an
-  optional R1 penalty.
+  (METHOD.md §4), shared by Imagine Flash and ADD: logits, abstract initialisation, hinge loss
+  with an optional R1 penalty.
 - Guidance-conditioned students (LCM, guided step distillation): `with_guidance_input` (the UNet
   also reads the guidance weight w through diffusers' `timestep_cond`), `student_from_teacher`
   (the teacher's weights, the new guidance projection at zero) and `guided_apply`.
+- `student_generate`, `grid_sample`: `Method.generate` / `Method.sample` of a student sampled like
+  a plain diffusion model.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
-from typing import Any
+import functools
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flash_jax import diffusion, sampling, weights
-from flash_jax.data.tokenizer import WordTokenizer
+from flash_jax import diffusion, pipeline, sampling, weights
 from flash_jax.models import discriminator as disc_lib
 from flash_jax.models import layers, unet
 from flash_jax.pipeline import T2I
 
+if TYPE_CHECKING:  # ml_collections is only a type here: GPU boxes without it can import this
+    import ml_collections
+
 Array = jax.Array
 
 
-def prepare_batch_fn(tokenizer: WordTokenizer) -> Callable[[dict], dict]:
-    """Host-side `raw batch -> {"image": uint8 (B, H, W, 3), "tokens": int32 (B, L)}`."""
+def frozen_loaders(
+    config: ml_collections.ConfigDict, model: T2I
+) -> tuple[Callable[[], dict[str, Any]], Callable[[], dict[str, Any]]]:
+    """`(load_teacher, load_frozen)`: the frozen teacher `{"unet", "text"}` and
+    `{"teacher": ..., "vae": ...}` (`pipeline.load_teacher` / `load_autoencoder`), memoised: a
+    method's init, discriminator init and load_frozen all need the teacher (GBs at SD scale)."""
+    load_teacher = functools.cache(lambda: pipeline.load_teacher(config, model))
+    load_vae = functools.cache(lambda: pipeline.load_autoencoder(config, model))
 
-    def prepare_batch(raw: dict) -> dict:
-        return {"image": np.asarray(raw["image"]), "tokens": tokenizer(list(raw["caption"]))}
+    def load_frozen() -> dict[str, Any]:
+        return {"teacher": load_teacher(), "vae": load_vae()}
 
-    return prepare_batch
+    return load_teacher, load_frozen
 
 
-def text_conditioning(
-    model: T2I, text_params: Any, tokens: Array, empty_tokens: Array
-) -> tuple[Array, Array, Array]:
-    """`(context (B, L, D), pooled (B, D), uncond (B, L, D))`: the prompts' hidden states, their
-    pooled embedding, and the empty prompt's hidden states (the CFG unconditional branch)."""
-    context, pooled = model.encode_text_pooled(text_params, tokens)
-    uncond = model.encode_text(text_params, jnp.broadcast_to(empty_tokens, tokens.shape))
+def conditioning(
+    model: T2I, text_params: Any, batch: Mapping[str, Array], empty_tokens: Array
+) -> tuple[Any, Array, Any]:
+    """`(context, pooled (B, P), uncond)` of a batch: the prompts' UNet context (its cached
+    embeddings when present, else its `tokens` encoded), their pooled embedding, and the empty
+    prompt's context (the CFG unconditional branch, encoded once and broadcast to B)."""
+    context, pooled = model.conditioning(text_params, batch)
+    b = batch["tokens"].shape[0]
+    uncond, _ = model.uncond_conditioning(text_params, jnp.asarray(empty_tokens), b)
     return context, pooled, uncond
 
 
@@ -66,6 +81,19 @@ def predict_x0(
     out = apply_fn(unet_params, x_t, t.astype(jnp.float32), cond)
     alpha, sigma = alpha_sigma(model.schedule, t)
     return diffusion.predict_x0_eps(out, x_t, alpha, sigma, model.schedule.prediction_type)
+
+
+def guided_teacher_output(
+    model: T2I, teacher_unet: Any, x: Array, t: Array, context: Any, uncond: Any, scale: Array
+) -> Array:
+    """The teacher's CFG output `u + s·(c − u)` at latents `x` `(B, h, w, c)`, integer timesteps
+    `t` `(B,)`, with a per-sample scale `scale` `(B,)`: one UNet call on `[uncond; cond]`."""
+    both = jax.tree.map(lambda u, c: jnp.concatenate([u, c]), uncond, context)
+    out = model.apply_unet(
+        teacher_unet, jnp.concatenate([x, x]), jnp.concatenate([t, t]).astype(jnp.float32), both
+    )
+    out_uncond, out_cond = jnp.split(out, 2)
+    return sampling.classifier_free_guidance(out_uncond, out_cond, scale.reshape(-1, 1, 1, 1))
 
 
 # ------------------------------------------------------------------------ latent discriminator
@@ -107,22 +135,26 @@ class LatentDiscriminator:
         )
         return self.heads.apply({"params": disc_params}, features, t_d, pooled)
 
-    def init(
-        self, rng: Array, teacher_unet: Any, text_params: Any, empty_tokens: Array, image_size: int
-    ) -> Any:
-        """Fresh head parameters (shapes read off the teacher's features at `image_size`)."""
+    def init(self, rng: Array, image_size: int, empty_tokens: Array) -> Any:
+        """Fresh head parameters. Only the SHAPES of the teacher's features (at `image_size`) and
+        of the pooled text embedding (of `empty_tokens`, the tokenizer's ids of "") matter: found abstractly, so neither reading the teacher nor
+        running it becomes part of the (sharded, jitted) init."""
 
-        @jax.jit  # one compile instead of op-by-op execution of the teacher
-        def init(rng, teacher_unet, text_params):
+        def teacher_outputs(teacher):
             x = jnp.zeros(self.model.latent_shape(1, image_size))
             tokens = jnp.asarray(empty_tokens)[None]
-            context, pooled = self.model.encode_text_pooled(text_params, tokens)
+            context, pooled = self.model.encode_text_pooled(teacher["text"], tokens)
             _, features = self.model.apply_unet(
-                teacher_unet, x, jnp.zeros((1,)), context, return_features=True
+                teacher["unet"], x, jnp.zeros((1,)), context, return_features=True
             )
-            return self.heads.init(rng, features, jnp.zeros((1,)), pooled)["params"]
+            return features, pooled
 
-        return init(rng, teacher_unet, text_params)
+        abstract_teacher = jax.eval_shape(self.model.init, jax.random.PRNGKey(0))
+        features, pooled = jax.tree.map(
+            lambda s: jnp.zeros(s.shape, s.dtype),
+            jax.eval_shape(teacher_outputs, abstract_teacher),
+        )
+        return self.heads.init(rng, features, jnp.zeros((1,)), pooled)["params"]
 
     def loss(
         self,
@@ -182,7 +214,7 @@ def student_from_teacher(student_model: T2I, teacher_unet: Any) -> Any:
 
 def guided_apply(model: T2I) -> sampling.ApplyFn:
     """`apply_fn(unet_params, x, t, cond)` of a guidance-conditioned UNet, with
-    `cond = {"context": (B, L, D), "w": (B,)}` (w: the CFG weight, scale − 1)."""
+    `cond = {"context": the UNet context, "w": (B,)}` (w: the CFG weight, scale − 1)."""
     dim = model.unet.time_cond_proj_dim
     if dim is None:
         raise ValueError("guided_apply needs a model from with_guidance_input")
@@ -214,11 +246,12 @@ def student_generate(
 
 
 def grid_sample(model: T2I, generate: Callable[..., Array], num_steps: int) -> Callable[..., Array]:
-    """`Method.sample` (periodic grids) from `generate`: noise from `rng`, `num_steps` steps."""
+    """`Method.sample` (periodic grids) from `generate` at `num_steps` steps: initial noise
+    shaped like the batch's latents (raw or cached) drawn from `rng`, sampler noise from
+    `fold_in(rng, 1)`."""
 
     def sample(params, frozen, batch, rng):
-        b = batch["tokens"].shape[0]
-        x_T = jax.random.normal(rng, model.latent_shape(b, batch["image"].shape[1]))
-        return generate(params, frozen, batch["tokens"], x_T, rng, num_steps)
+        x_T = jax.random.normal(rng, model.batch_latent_shape(batch))
+        return generate(params, frozen, batch["tokens"], x_T, jax.random.fold_in(rng, 1), num_steps)
 
     return sample

@@ -15,25 +15,30 @@ The discriminator (`common.LatentDiscriminator`, shared with ADD) sees real late
 student's x̂0^Θ re-noised to a random level, through the FROZEN teacher UNet's down/mid features,
 with trainable heads. Samples (grids, evaluation) use `config.sample` at the requested step count.
 
-config reads: model.*, schedule.*, teacher_workdir, autoencoder_workdir, and `imagine_flash.*`
-(see configs/shapes/imagine_flash.py for every knob and its default).
+config reads: model.*, schedule.*, teacher_workdir, autoencoder_workdir (unused when
+model.pretrained names a diffusers folder), and `imagine_flash.*` (see
+configs/shapes/imagine_flash.py for every knob and its default). Batches may carry cached latents
+and text embeddings (flash_jax/data/cache.py); then neither the VAE encoder nor the text encoder
+runs in the step, except on the empty prompt.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import functools
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
-from flash_jax import diffusion, sampling
+from flash_jax import diffusion, pipeline, sampling
 from flash_jax.methods import Method, common
 from flash_jax.models import discriminator as disc_lib
 from flash_jax.pipeline import T2I
-from flash_jax.train import checkpoint
+
+if TYPE_CHECKING:  # ml_collections is only a type here: GPU boxes without it can import this
+    import ml_collections
 
 Array = jax.Array
 
@@ -217,29 +222,20 @@ def make(config: ml_collections.ConfigDict) -> Method:
     sampler = sampling.SamplerConfig(**config.sample.to_dict())
     discriminator = common.LatentDiscriminator(model, ifc.disc_width, ifc.disc_t_max)
     adversarial = ifc.adv_weight > 0
-
-    def load_teacher() -> dict[str, Any]:
-        teacher = checkpoint.load_params(config.teacher_workdir)
-        return model.check(teacher, f"teacher {config.teacher_workdir}")
-
-    def load_frozen() -> dict[str, Any]:
-        return {
-            "teacher": load_teacher(),
-            "vae": checkpoint.load_params(config.autoencoder_workdir),
-        }
+    load_teacher, load_frozen = common.frozen_loaders(config, model)
 
     def init(rng: Array) -> dict[str, Any]:
         del rng  # the student starts as the teacher
         return {"unet": load_teacher()["unet"]}
 
-    def conditioning(frozen, tokens):
-        return common.text_conditioning(model, frozen["teacher"]["text"], tokens, empty_tokens)
+    def conditioning(frozen, batch):
+        return common.conditioning(model, frozen["teacher"]["text"], batch, empty_tokens)
 
     def student_input(params, frozen, batch, rng, context):
         """(x_t, t): per sample a student step count N and a rollout depth i < N, t = s_i."""
         k_T, k_n, k_i, k_lat = jax.random.split(rng, 4)
         b = batch["tokens"].shape[0]
-        x_T = jax.random.normal(k_T, model.latent_shape(b, batch["image"].shape[1]))
+        x_T = jax.random.normal(k_T, model.batch_latent_shape(batch))
         which = jax.random.randint(k_n, (b,), 0, len(steps))
         i = jnp.floor(jax.random.uniform(k_i, (b,)) * jnp.asarray(steps)[which]).astype(jnp.int32)
         t = jnp.asarray(ts_table)[which, i]
@@ -248,14 +244,14 @@ def make(config: ml_collections.ConfigDict) -> Method:
                 model, params["unet"], x_T, plans, which, i, context, ifc.rollout_noise_correction
             )
         else:
-            x0_real = model.to_latents(frozen["vae"], batch["image"], k_lat)
+            x0_real = model.batch_latents(frozen["vae"], batch, k_lat)
             alpha, sigma = (_bcast(v) for v in schedule.alpha_sigma(t))
             x_t = diffusion.add_noise(x0_real, x_T, alpha, sigma)
         return x_t, t
 
     def generator_loss(params, frozen, batch, rng, disc_params=None):
         k_student, k_srl, k_adv = jax.random.split(rng, 3)
-        context, pooled, uncond = conditioning(frozen, batch["tokens"])
+        context, pooled, uncond = conditioning(frozen, batch)
         x_t, t = student_input(params, frozen, batch, k_student, context)
         x0_student = student_estimate(model, params["unet"], x_t, t, context)
         x0_teacher, t_phi = srl_target(
@@ -277,15 +273,12 @@ def make(config: ml_collections.ConfigDict) -> Method:
         return loss, aux
 
     def init_discriminator(rng: Array) -> Any:
-        teacher = load_teacher()
-        return discriminator.init(
-            rng, teacher["unet"], teacher["text"], empty_tokens, config.data.image_size
-        )
+        return discriminator.init(rng, config.data.image_size, empty_tokens)
 
     def discriminator_loss(disc_params, fake, frozen, batch, rng):
         k_real, k_fake, k_lat = jax.random.split(rng, 3)
-        context, pooled, _ = conditioning(frozen, batch["tokens"])
-        real = model.to_latents(frozen["vae"], batch["image"], k_lat)
+        context, pooled, _ = conditioning(frozen, batch)
+        real = model.batch_latents(frozen["vae"], batch, k_lat)
         teacher_unet = frozen["teacher"]["unet"]
         return discriminator.loss(
             disc_params, teacher_unet, real, fake, context, pooled, k_real, k_fake
@@ -296,9 +289,10 @@ def make(config: ml_collections.ConfigDict) -> Method:
         init=init,
         load_frozen=load_frozen,
         generator_loss=generator_loss,
-        prepare_batch=common.prepare_batch_fn(tokenizer),
+        prepare_batch=functools.partial(pipeline.prepare_batch, tokenizer=tokenizer, model=model),
         init_discriminator=init_discriminator if adversarial else None,
         discriminator_loss=discriminator_loss if adversarial else None,
         sample=common.grid_sample(model, generate, sampler.num_steps),
         generate=generate,
+        logical_axes=model.logical_axes,
     )

@@ -21,24 +21,27 @@ Multi-step sampling (`generate`): timesteps taken from the solver grid like `LCM
 (N = 1: 999; 2: 999, 499; 3: 999, 679, 339); each step evaluates f and re-noises it with FRESH noise
 to the next timestep; the last step returns f.
 
-config reads: model.*, schedule.*, teacher_workdir, autoencoder_workdir and `lcm.*`
-(configs/shapes/lcm.py documents every knob).
+config reads: model.*, schedule.*, teacher_workdir, autoencoder_workdir (or model.pretrained) and
+`lcm.*` (configs/shapes/lcm.py documents every knob). Batches may carry cached latents and text
+embeddings (flash_jax/data/cache.py), read through `T2I.batch_latents` / `common.conditioning`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import functools
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
-from flash_jax import diffusion, sampling
+from flash_jax import diffusion, pipeline, sampling
 from flash_jax.methods import Method, common
 from flash_jax.pipeline import T2I
-from flash_jax.train import checkpoint
+
+if TYPE_CHECKING:  # ml_collections is only a type here: GPU boxes without it can import this
+    import ml_collections
 
 Array = jax.Array
 
@@ -111,20 +114,13 @@ def teacher_solver_step(
     z: Array,
     t: Array,
     t_prev: Array,
-    context: Array,
-    uncond: Array,
+    context: Any,
+    uncond: Any,
     scale: Array,
 ) -> Array:
     """One deterministic DDIM step t → t_prev `(B,)` of the frozen teacher with per-sample CFG
     scale `scale` `(B,)`: `α_{t'}·x̂0 + σ_{t'}·ε̂` of the guided output (not differentiated)."""
-    both = model.apply_unet(
-        teacher_unet,
-        jnp.concatenate([z, z]),
-        jnp.concatenate([t, t]).astype(jnp.float32),
-        jnp.concatenate([uncond, context]),
-    )
-    out_uncond, out_cond = jnp.split(both, 2)
-    guided = sampling.classifier_free_guidance(out_uncond, out_cond, scale.reshape(-1, 1, 1, 1))
+    guided = common.guided_teacher_output(model, teacher_unet, z, t, context, uncond, scale)
     alpha, sigma = common.alpha_sigma(model.schedule, t)
     x0, eps = diffusion.predict_x0_eps(guided, z, alpha, sigma, model.schedule.prediction_type)
     alpha_prev, sigma_prev = common.alpha_sigma(model.schedule, t_prev)
@@ -161,15 +157,7 @@ def make(config: ml_collections.ConfigDict) -> Method:
     empty_tokens = tokenizer([""])[0]
     grid = solver_timesteps(schedule.num_train_timesteps, lcmc.skip)
 
-    def load_teacher() -> dict[str, Any]:
-        teacher = checkpoint.load_params(config.teacher_workdir)
-        return model.check(teacher, f"teacher {config.teacher_workdir}")
-
-    def load_frozen() -> dict[str, Any]:
-        return {
-            "teacher": load_teacher(),
-            "vae": checkpoint.load_params(config.autoencoder_workdir),
-        }
+    load_teacher, load_frozen = common.frozen_loaders(config, model)
 
     def init(rng: Array) -> dict[str, Any]:
         del rng  # the student starts as the (conditional) teacher
@@ -180,10 +168,8 @@ def make(config: ml_collections.ConfigDict) -> Method:
         del disc_params
         k_lat, k_n, k_eps, k_w = jax.random.split(rng, 4)
         teacher = frozen["teacher"]
-        context, _, uncond = common.text_conditioning(
-            model, teacher["text"], batch["tokens"], empty_tokens
-        )
-        x0 = model.to_latents(frozen["vae"], batch["image"], k_lat)
+        context, _, uncond = common.conditioning(model, teacher["text"], batch, empty_tokens)
+        x0 = model.batch_latents(frozen["vae"], batch, k_lat)
         b = x0.shape[0]
         t = jnp.asarray(grid)[jax.random.randint(k_n, (b,), 0, len(grid))]
         t_prev = jnp.maximum(t - lcmc.skip, 0)
@@ -229,12 +215,17 @@ def make(config: ml_collections.ConfigDict) -> Method:
         )
         return model.to_images(frozen["vae"], latents)
 
+    def logical_axes():
+        axes = student_model.logical_axes()
+        return axes | {"target": axes["unet"]}  # θ⁻ is sharded like the student
+
     return Method(
         init=init,
         load_frozen=load_frozen,
         generator_loss=generator_loss,
-        prepare_batch=common.prepare_batch_fn(tokenizer),
+        prepare_batch=functools.partial(pipeline.prepare_batch, tokenizer=tokenizer, model=model),
         sample=common.grid_sample(model, generate, lcmc.sample_steps),
         generate=generate,
         post_update=post_update,
+        logical_axes=logical_axes,
     )

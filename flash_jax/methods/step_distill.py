@@ -23,25 +23,31 @@ stage 1 is the same target with ratio 1.
 ω_t: "truncated_snr" max(α²/σ², 1) (Salimans & Ho) or "uniform". Sampling: deterministic DDIM,
 trailing spacing, w = `guidance_scale` − 1.
 
-config reads: model.*, schedule.*, teacher_workdir, autoencoder_workdir and `step_distill.*`.
+config reads: model.*, schedule.*, teacher_workdir, autoencoder_workdir (or model.pretrained) and
+`step_distill.*`. Batches may carry cached latents and text embeddings (flash_jax/data/cache.py).
+The frozen tree is `{"teacher": {"unet", "text"}, "vae"}` like the other distillations; in a
+progressive stage its `unet` is the previous stage's (guidance-conditioned) student.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
-from flash_jax import diffusion, sampling
+from flash_jax import diffusion, pipeline, sampling
 from flash_jax.methods import Method, common
 from flash_jax.pipeline import T2I
 from flash_jax.train import checkpoint
+
+if TYPE_CHECKING:  # ml_collections is only a type here: GPU boxes without it can import this
+    import ml_collections
 
 Array = jax.Array
 
@@ -142,9 +148,7 @@ def make(config: ml_collections.ConfigDict) -> Method:
     if progressive:
         grid = tuple(jnp.asarray(a) for a in progressive_timesteps(T, sdc.student_steps))
 
-    def load_teacher() -> dict[str, Any]:
-        teacher = checkpoint.load_params(config.teacher_workdir)
-        return model.check(teacher, f"teacher {config.teacher_workdir}")
+    load_teacher, load_teacher_and_vae = common.frozen_loaders(config, model)
 
     def load_previous_student() -> Any:
         previous = Path(sdc.previous_workdir)
@@ -161,12 +165,11 @@ def make(config: ml_collections.ConfigDict) -> Method:
         return student_model.check({"unet": unet}, f"previous stage {previous}")["unet"]
 
     def load_frozen() -> dict[str, Any]:
-        teacher = load_teacher()
-        return {
-            "text": teacher["text"],
-            "teacher_unet": load_previous_student() if progressive else teacher["unet"],
-            "vae": checkpoint.load_params(config.autoencoder_workdir),
-        }
+        if not progressive:
+            return load_teacher_and_vae()
+        text = pipeline.load_teacher(config, model, parts=("text",))["text"]
+        teacher = {"unet": load_previous_student(), "text": text}
+        return {"teacher": teacher, "vae": pipeline.load_autoencoder(config, model)}
 
     def init(rng: Array) -> dict[str, Any]:
         del rng  # the guidance stage starts from the teacher, a halving from the previous stage
@@ -177,7 +180,7 @@ def make(config: ml_collections.ConfigDict) -> Method:
     def student_input(frozen, batch, rng):
         """(z_t, t, t_mid, t_next): forward-noised real latents at the stage's timesteps."""
         k_lat, k_t, k_eps = jax.random.split(rng, 3)
-        x0 = model.to_latents(frozen["vae"], batch["image"], k_lat)
+        x0 = model.batch_latents(frozen["vae"], batch, k_lat)
         b = x0.shape[0]
         if progressive:
             i = jax.random.randint(k_t, (b,), 0, sdc.student_steps)
@@ -191,16 +194,11 @@ def make(config: ml_collections.ConfigDict) -> Method:
 
     def distillation_target(frozen, z_t, t, t_mid, t_next, context, uncond, scale):
         """x̃ of the stage: the guided teacher's estimate, or the two-step target."""
-        teacher_unet = frozen["teacher_unet"]
+        teacher_unet = frozen["teacher"]["unet"]
         if not progressive:
-            both = model.apply_unet(
-                teacher_unet,
-                jnp.concatenate([z_t, z_t]),
-                jnp.concatenate([t, t]).astype(jnp.float32),
-                jnp.concatenate([uncond, context]),
+            guided = common.guided_teacher_output(
+                model, teacher_unet, z_t, t, context, uncond, scale
             )
-            out_u, out_c = jnp.split(both, 2)
-            guided = sampling.classifier_free_guidance(out_u, out_c, scale.reshape(-1, 1, 1, 1))
             alpha, sigma = common.alpha_sigma(schedule, t)
             x0 = diffusion.predict_x0_eps(guided, z_t, alpha, sigma, schedule.prediction_type)[0]
             return jax.lax.stop_gradient(x0)
@@ -215,8 +213,8 @@ def make(config: ml_collections.ConfigDict) -> Method:
     def generator_loss(params, frozen, batch, rng, disc_params=None):
         del disc_params
         k_input, k_w = jax.random.split(rng)
-        context, _, uncond = common.text_conditioning(
-            model, frozen["text"], batch["tokens"], empty_tokens
+        context, _, uncond = common.conditioning(
+            model, frozen["teacher"]["text"], batch, empty_tokens
         )
         z_t, t, t_mid, t_next = student_input(frozen, batch, k_input)
         scale = jax.random.uniform(
@@ -233,7 +231,7 @@ def make(config: ml_collections.ConfigDict) -> Method:
 
     def generate(params, frozen, tokens, x_T, rng, num_steps: int):
         del rng  # deterministic DDIM
-        context = model.encode_text(frozen["text"], tokens)
+        context = model.encode_text(frozen["teacher"]["text"], tokens)
         w = jnp.full((tokens.shape[0],), sdc.guidance_scale - 1.0)
         sampler = sampling.SamplerConfig(num_steps=num_steps)
         latents, _ = sampling.run_plan(
@@ -252,7 +250,8 @@ def make(config: ml_collections.ConfigDict) -> Method:
         init=init,
         load_frozen=load_frozen,
         generator_loss=generator_loss,
-        prepare_batch=common.prepare_batch_fn(tokenizer),
+        prepare_batch=functools.partial(pipeline.prepare_batch, tokenizer=tokenizer, model=model),
         sample=common.grid_sample(model, generate, sdc.student_steps),
         generate=generate,
+        logical_axes=student_model.logical_axes,  # also covers the plain teacher's tensors
     )

@@ -93,7 +93,8 @@ def restore_latest(
 
 def load_params(workdir: str | Path, field: str = "ema_params") -> Any:
     """One field of the newest checkpoint in `workdir/checkpoints` (e.g. a trained VAE or teacher
-    to freeze), as host arrays; no optimizer structure needs to be known. `workdir` may also be a
+    to freeze), as host numpy arrays, whatever mesh wrote it; no optimizer structure needs to be
+    known. `workdir` may also be a
     `.msgpack` file written by `export_params` (the small trained models shipped in assets/).
 
     Raises:
@@ -109,12 +110,17 @@ def load_params(workdir: str | Path, field: str = "ema_params") -> Any:
     manager = ocp.CheckpointManager(
         directory,
         options=ocp.CheckpointManagerOptions(read_only=True),
-        item_names=("state", "extra"),
+        item_handlers={
+            "state": ocp.StandardCheckpointHandler(),
+            "extra": ocp.JsonCheckpointHandler(),
+        },
     )
     step = manager.latest_step()
     if step is None:
         raise CheckpointError(f"{directory}: no complete checkpoint (train that stage first)")
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    # Host arrays as the target: readable whatever mesh or device count wrote the checkpoint.
+    host = jax.tree.map(lambda m: np.empty(m.shape, m.dtype), manager.item_metadata(step)["state"])
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(host)))
     manager.close()
     state = restored["state"]
     if field not in state:

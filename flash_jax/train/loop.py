@@ -3,27 +3,37 @@
 Outputs under `workdir`: `checkpoints/<step>/` (Orbax), `metrics.jsonl` (one JSON object per logged
 step), `tensorboard/` (the same scalars and the sample grids as TensorBoard event files),
 `samples/step_<step>.png` (captioned grids from the EMA parameters), `config.json`.
+
+Placement (flash_jax/parallel.py): the state, the frozen models and each batch live on the
+`config.mesh` mesh, sharded by `config.sharding_rules` (and by size, `config.fsdp_min_size`);
+the frozen models are cast to `config.frozen_dtype`. One device is the 1×1×1 mesh.
+A SIGTERM stops the run at the next step boundary once that step is checkpointed
+(flash_jax/train/preemption.py); a rerun resumes there, also on another mesh or device count.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 from tqdm import tqdm
 
-from flash_jax import methods
-from flash_jax.data import shapes, sources
-from flash_jax.train import checkpoint, tensorboard
+from flash_jax import methods, parallel
+from flash_jax.data import shapes
+from flash_jax.train import checkpoint, preemption, tensorboard
 from flash_jax.train.state import TrainState, init_state
 from flash_jax.train.step import compile_train_step, make_train_step
+
+if TYPE_CHECKING:  # ml_collections is only a type here: GPU boxes without it can import this
+    import ml_collections
 
 log = logging.getLogger(__name__)
 
@@ -41,29 +51,30 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
     )
 
 
-def make_data(config: ml_collections.ConfigDict, batch_size: int, split: str = "train"):
-    """The per-host Grain iterator for `config.data` (see `sources.make_shapes_dataset`)."""
-    if config.source != "shapes":
-        raise ValueError(f"config.data.source={config.source!r}: only 'shapes' is available")
-    ds = sources.make_shapes_dataset(
-        config.data_dir or None,
-        split,
-        batch_size,
-        seed=config.shuffle_seed,
-        shard_index=None,
-        shard_count=None,
-        num_records=(config.num_records or None) if split == "train" else None,
-        image_size=config.image_size,
-        data_seed=config.seed,
+def make_data(
+    config: ml_collections.ConfigDict,
+    batch_size: int,
+    split: str = "train",
+    shard_index: int | None = None,
+    shard_count: int | None = None,
+):
+    """The per-host Grain iterator for `config.data` (see `sources.make_dataset`); the shard
+    defaults to this process's (`sources.host_shard`)."""
+    from flash_jax.data import sources  # grain + TFDS: only the data path needs them
+
+    return iter(
+        sources.make_dataset(
+            config, batch_size, split, shard_index=shard_index, shard_count=shard_count
+        )
     )
-    return iter(ds)
 
 
-def _check_batch_size(batch_size: int) -> None:
-    n = jax.local_device_count()
-    if batch_size % n:
+def _check_batch_size(batch_size: int, mesh: jax.sharding.Mesh) -> None:
+    data, fsdp = (mesh.shape[a] for a in parallel.BATCH_AXES)
+    if batch_size % (data * fsdp):
         raise ValueError(
-            f"config.batch_size={batch_size} is not divisible by the {n} local devices"
+            f"config.batch_size={batch_size} is not divisible by the {data * fsdp} batch shards "
+            f"of the mesh (mesh.data={data} × mesh.fsdp={fsdp}, all slices)"
         )
 
 
@@ -99,36 +110,113 @@ def write_sample_grid(images: np.ndarray, captions: list[str], path: Path):
     return grid
 
 
-def train(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainState:
-    """Trains `config.method` until `config.total_steps`, resuming from `workdir` if possible."""
-    _check_batch_size(config.batch_size)
+def _keys(seed: int) -> tuple[jax.Array, ...]:
+    """(init, discriminator init, state, sample-grid) keys of a run."""
+    return tuple(jax.random.split(jax.random.PRNGKey(seed), 4))
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """A run's program and data placement on one mesh: what `train` builds before its loop.
+
+    Attributes:
+      method: the configured method.
+      abstract_state: the TrainState as ShapeDtypeStructs carrying their target shardings (what
+        a checkpoint is restored onto, whatever mesh or device count wrote it).
+      init_state: `() -> TrainState`, a fresh state created directly in its shards.
+      frozen: the frozen models, cast to `config.frozen_dtype` and sharded.
+      step: the compiled `(state, frozen, batch) -> (state, metrics)`; the state is donated.
+      batch_sharding: where global batches live (`parallel.global_batch`).
+    """
+
+    method: methods.Method
+    abstract_state: TrainState
+    init_state: Callable[[], TrainState]
+    frozen: Any
+    step: Callable[..., tuple[TrainState, dict[str, jax.Array]]]
+    batch_sharding: jax.sharding.NamedSharding
+
+
+def place(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Placement:
+    """Builds `config.method` on `mesh`: shardings, sharded init, frozen models, compiled step."""
+    rules = parallel.rules_from_config(config.sharding_rules, mesh)
+    _check_batch_size(config.batch_size, mesh)
     method = methods.get(config.method)(config)
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
     tx = make_optimizer(config.optimizer)
     disc_tx = make_optimizer(config.disc_optimizer) if method.init_discriminator else None
+    init_rng, disc_rng, state_rng, _ = _keys(config.seed)
+    annotations = method.logical_axes() if method.logical_axes else None
 
-    rng = jax.random.PRNGKey(config.seed)
-    init_rng, disc_rng, state_rng, sample_rng = jax.random.split(rng, 4)
-    params = method.init(init_rng)
-    disc_params = method.init_discriminator(disc_rng) if method.init_discriminator else None
-    state = init_state(params, tx, state_rng, disc_params, disc_tx)
+    def shardings(tree: Any) -> Any:
+        return parallel.tree_shardings(tree, mesh, rules, annotations, config.fsdp_min_size)
 
-    data = make_data(config.data, config.batch_size // jax.process_count())
+    def new_state(params, state_rng, disc_params):
+        return init_state(params, tx, state_rng, disc_params, disc_tx)
+
+    abstract_params = jax.eval_shape(method.init, init_rng)
+    abstract_disc = (
+        jax.eval_shape(method.init_discriminator, disc_rng) if method.init_discriminator else None
+    )
+    abstract_state = jax.eval_shape(new_state, abstract_params, state_rng, abstract_disc)
+    state_sharding = shardings(abstract_state)
+
+    def init_sharded_state() -> TrainState:
+        params = parallel.init_sharded(method.init, state_sharding.params, init_rng)
+        disc_params = (
+            parallel.init_sharded(method.init_discriminator, state_sharding.disc_params, disc_rng)
+            if method.init_discriminator
+            else None
+        )
+        return jax.jit(new_state, out_shardings=state_sharding)(params, state_rng, disc_params)
+
+    frozen = parallel.cast_floats(method.load_frozen(), config.frozen_dtype)
+    frozen_sharding = shardings(frozen)
+    batch_sharding = parallel.batch_sharding(mesh)
+    step = make_train_step(method, tx, ema_decay=config.ema_decay, disc_tx=disc_tx)
+    return Placement(
+        method=method,
+        abstract_state=parallel.with_shardings(abstract_state, state_sharding),
+        init_state=init_sharded_state,
+        frozen=parallel.put(frozen, frozen_sharding),
+        step=compile_train_step(
+            parallel.with_rules(step, mesh, rules), state_sharding, frozen_sharding, batch_sharding
+        ),
+        batch_sharding=batch_sharding,
+    )
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainState:
+    """Trains `config.method` until `config.total_steps`, resuming from `workdir` if possible.
+
+    Returns the final state; after a SIGTERM, the checkpointed state of an earlier step (its
+    `step` is then below `config.total_steps`).
+    """
+    placement = place(config, parallel.make_mesh(config.mesh))
+    method, step_fn, frozen = placement.method, placement.step, placement.frozen
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    sample_rng = _keys(config.seed)[3]
+
+    batch_sharding = placement.batch_sharding
+    shard_index, shard_count = parallel.host_batch_shard(batch_sharding, config.batch_size)
+    data = make_data(
+        config.data,
+        config.batch_size // shard_count,
+        shard_index=shard_index,
+        shard_count=shard_count,
+    )
     manager = checkpoint.make_manager(
         workdir / "checkpoints", max_to_keep=config.keep_checkpoints, async_save=True
     )
-    restored = checkpoint.restore_latest(manager, checkpoint.abstract_like(state))
+    restored = checkpoint.restore_latest(manager, placement.abstract_state)
     if restored is not None:
         state, extra = restored
         data.set_state(extra["data"])
-        log.info("resumed from step %d", int(state.step))
+        log.warning("resumed from step %d", int(state.step))
+    else:
+        state = placement.init_state()
     (workdir / "config.json").write_text(config.to_json(indent=2))
 
-    frozen = method.load_frozen()
-    step_fn = compile_train_step(
-        make_train_step(method, tx, ema_decay=config.ema_decay, disc_tx=disc_tx)
-    )
     raw_samples = next(make_data(config.data, config.num_samples, split="eval"))
     sample_captions = [str(c) for c in raw_samples["caption"]]
     sample_batch = method.prepare_batch(raw_samples)
@@ -148,32 +236,38 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainState:
         desc=config.method,
         disable=not is_main,
     )
-    for step in progress:
-        batch = method.prepare_batch(next(data))
-        state, metrics = step_fn(state, frozen, batch)
-        all_finite = jnp.minimum(all_finite, metrics["finite"])
-        done = step + 1
-        if done % config.log_every == 0 or done == config.total_steps:
-            values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            if values["finite"] < 1.0:
-                _raise_non_finite(done, values)
-            progress.set_postfix(loss=f"{values['loss']:.4f}")
-            if is_main:
-                _write_jsonl(metrics_file, {"step": done, **values})
-                writer.scalars(done, values)
-        if done % config.checkpoint_every == 0 or done == config.total_steps:
-            if float(all_finite) < 1.0:
-                _raise_non_finite(done, {k: float(v) for k, v in jax.device_get(metrics).items()})
-            checkpoint.save(manager, state, {"data": data.get_state(), "step": done})
-        if sample_fn and (done % config.sample_every == 0 or done == config.total_steps):
-            images = sample_fn(state.ema_params, frozen, sample_batch, sample_rng)
-            if is_main:
-                grid = write_sample_grid(
-                    np.asarray(images),
-                    sample_captions,
-                    workdir / "samples" / f"step_{done:07d}.png",
-                )
-                writer.image(done, "samples", grid)
+    with preemption.watch_sigterm() as should_stop:
+        for step in progress:
+            batch = parallel.global_batch(method.prepare_batch(next(data)), batch_sharding)
+            state, metrics = step_fn(state, frozen, batch)
+            all_finite = jnp.minimum(all_finite, metrics["finite"])
+            done = step + 1
+            stop = should_stop(done)
+            if done % config.log_every == 0 or done == config.total_steps:
+                values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                if values["finite"] < 1.0:
+                    _raise_non_finite(done, values)
+                progress.set_postfix(loss=f"{values['loss']:.4f}")
+                if is_main:
+                    _write_jsonl(metrics_file, {"step": done, **values})
+                    writer.scalars(done, values)
+            if stop or done % config.checkpoint_every == 0 or done == config.total_steps:
+                if float(all_finite) < 1.0:
+                    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    _raise_non_finite(done, values)
+                checkpoint.save(manager, state, {"data": data.get_state(), "step": done})
+            if stop:
+                log.warning("SIGTERM: stopped after checkpointing step %d; rerun to resume", done)
+                break
+            if sample_fn and (done % config.sample_every == 0 or done == config.total_steps):
+                images = sample_fn(state.ema_params, frozen, sample_batch, sample_rng)
+                if is_main:
+                    grid = write_sample_grid(
+                        np.asarray(images),
+                        sample_captions,
+                        workdir / "samples" / f"step_{done:07d}.png",
+                    )
+                    writer.image(done, "samples", grid)
     if writer:
         writer.close()
     manager.wait_until_finished()
