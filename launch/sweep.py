@@ -12,7 +12,17 @@ A config file opts in with `get_hyper(h)`, returning a list of points built from
 
 Each point becomes `--config.<key>=<value>` flags and its own workdir, `WORKDIR/<key>=<value>,...`.
 Every key and value is applied to the config before anything runs (an unknown key or a value of
-the wrong type is an error naming the point). Launchers:
+the wrong type is an error naming the point). `h.arg` is the config's variant string.
+
+A point may also set job fields (keys without the `config.` prefix), for a sweep over several
+config files with dependencies (configs/shapes/comparison.py):
+  name     the job's name (default: from its config keys)
+  config   config file[:variants] the job runs (default: --config); its keys are checked against it
+  workdir  the job's --workdir (default: WORKDIR/<name>)
+  mode     flash_jax.main --mode (default: train)
+  after    names of earlier jobs that must have finished first (slurm: --dependency=afterok;
+           the other launchers run the jobs in order)
+`{workdir}` in a string value (a job field or a config value) is replaced by WORKDIR. Launchers:
   local    launch/local.sh, one job after another
   slurm    sbatch launch/slurm.sbatch, one submission per job
   tpu_pod  launch/tpu_pod.sh run, one job after another on the slice
@@ -35,8 +45,15 @@ ROOT = Path(__file__).resolve().parents[1]
 Point = dict[str, Any]
 
 
+JOB_FIELDS = ("name", "config", "workdir", "mode", "after")
+
+
 class Hyper:
-    """The helpers `get_hyper` receives: each returns a list of points (dicts key -> value)."""
+    """The helpers `get_hyper` receives: each returns a list of points (dicts key -> value);
+    `arg` is the config's variant string (what follows `:` in --config)."""
+
+    def __init__(self, arg: str = ""):
+        self.arg = arg
 
     @staticmethod
     def sweep(key: str, values: Sequence[Any]) -> list[Point]:
@@ -109,28 +126,72 @@ def check_point(config: Any, point: Point) -> None:
 
 
 def job_name(point: Point) -> str:
+    if "name" in point:
+        return str(point["name"])
     short = lambda k: k.removeprefix("config.").split(".")[-1]  # noqa: E731
-    return ",".join(f"{short(k)}={format_value(v)}" for k, v in point.items()) or "default"
+    keys = [k for k in point if k not in JOB_FIELDS]
+    return ",".join(f"{short(k)}={format_value(point[k])}" for k in keys) or "default"
+
+
+def split_point(point: Point, config: str, workdir: str) -> tuple[dict[str, Any], Point]:
+    """`(job fields with their defaults, config keys)` of a point, `{workdir}` substituted."""
+    unknown = [k for k in point if k not in JOB_FIELDS and not k.startswith("config.")]
+    if unknown:
+        raise ValueError(
+            f"sweep point {point}: keys {unknown} are neither config.* nor {JOB_FIELDS}"
+        )
+    root = workdir.rstrip("/")
+    fill = lambda v: v.replace("{workdir}", root) if isinstance(v, str) else v  # noqa: E731
+    name = job_name(point)
+    job = dict(name=name, config=config, workdir=f"{root}/{name}", mode="train", after=())
+    job |= {k: fill(v) for k, v in point.items() if k in JOB_FIELDS}
+    job["after"] = tuple(job["after"])
+    return job, {k: fill(v) for k, v in point.items() if k.startswith("config.")}
 
 
 def commands(
     config: str, workdir: str, launcher: str, points: list[Point], extra: Sequence[str]
-) -> list[list[str]]:
-    """The command of every job (argv lists)."""
+) -> list[tuple[dict[str, Any], list[str]]]:
+    """`(job fields, argv)` of every job; `after` must name earlier jobs. A slurm job's dependency
+    flag holds the names of the jobs it waits for; `main` swaps in their job ids on submission."""
     out = []
     for point in points:
-        flags = [f"--{k}={format_value(v)}" for k, v in point.items()] + list(extra)
-        run_dir = f"{workdir.rstrip('/')}/{job_name(point)}"
+        job, keys = split_point(point, config, workdir)
+        earlier = {j["name"] for j, _ in out}
+        if not set(job["after"]) <= earlier:
+            missing = sorted(set(job["after"]) - earlier)
+            raise ValueError(f"job {job['name']!r}: after={missing} are not earlier jobs")
+        flags = [f"--{k}={format_value(v)}" for k, v in keys.items()]
+        if job["mode"] != "train":
+            flags.append(f"--mode={job['mode']}")
+        flags += list(extra)
+        args = [job["config"], job["workdir"], *flags]
         if launcher == "local":
-            out.append(["launch/local.sh", config, run_dir, *flags])
+            out.append((job, ["launch/local.sh", *args]))
         elif launcher == "slurm":
-            name = f"--job-name=flash-jax-{job_name(point)}"
-            out.append(["sbatch", name, "launch/slurm.sbatch", config, run_dir, *flags])
+            head = ["sbatch", f"--job-name=flash-jax-{job['name']}"]
+            if job["after"]:
+                head.append("--dependency=afterok:" + ":".join(job["after"]))
+            out.append((job, [*head, "launch/slurm.sbatch", *args]))
         elif launcher == "tpu_pod":
-            out.append(["launch/tpu_pod.sh", "run", config, run_dir, *flags])
+            out.append((job, ["launch/tpu_pod.sh", "run", *args]))
         else:
             raise ValueError(f"unknown launcher {launcher!r}")
     return out
+
+
+def check_jobs(modules: dict[str, Any], jobs: list[tuple[dict[str, Any], Point]]) -> None:
+    """Every job's config keys, applied to the config it runs. `modules`: config files already
+    loaded, by path (more are loaded as jobs name them)."""
+    configs = {}
+    for job, keys in jobs:
+        spec = job["config"]
+        if spec not in configs:
+            path, _, variant = spec.partition(":")
+            if path not in modules:
+                modules[path] = load_config_module(path)
+            configs[spec] = modules[path].get_config(variant)
+        check_point(configs[spec], keys)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -146,16 +207,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     module = load_config_module(path)
     if not hasattr(module, "get_hyper"):
         raise SystemExit(f"{path} has no get_hyper(h): nothing to sweep")
-    points = module.get_hyper(Hyper())
-    config = module.get_config(variant)
-    for point in points:
-        check_point(config, point)
+    points = module.get_hyper(Hyper(variant))
     jobs = commands(args.config, args.workdir, args.launcher, points, args.extra)
+    check_jobs({path: module}, [split_point(p, args.config, args.workdir) for p in points])
     print(f"# {len(jobs)} jobs ({args.launcher})", file=sys.stderr)
-    for job in jobs:
-        print(shlex.join(job))
-        if not args.dry_run:
-            subprocess.run(job, cwd=ROOT, check=True)
+    ids: dict[str, str] = {}
+    for job, argv in jobs:
+        if not args.dry_run and job["after"] and args.launcher == "slurm":
+            deps = "--dependency=afterok:" + ":".join(ids[n] for n in job["after"])
+            argv = [deps if a.startswith("--dependency=") else a for a in argv]
+        print(shlex.join(argv))
+        if args.dry_run:
+            continue
+        if args.launcher == "slurm":  # sbatch prints "Submitted batch job <id>"
+            done = subprocess.run(argv, cwd=ROOT, check=True, capture_output=True, text=True)
+            print(done.stdout, end="")
+            ids[job["name"]] = done.stdout.split()[-1]
+        else:
+            subprocess.run(argv, cwd=ROOT, check=True)
     return 0
 
 

@@ -5,6 +5,7 @@ is not a dependency, and the notebook needs no kernel features)."""
 
 import json
 import math
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -224,26 +225,53 @@ def test_cli_eval_mode_resumes_a_finished_evaluation(evaluated, tmp_path):
     assert "| Teacher | 1 | 2 | 2 |" in text and "| Teacher | 2 | 4 | 1 |" in text
 
 
+def load_sweep():
+    sys.path.insert(0, str(ROOT / "launch"))
+    try:
+        import sweep
+    finally:
+        sys.path.pop(0)
+    return sweep
+
+
 def test_sweep_jobs_load_their_configs_and_chain_step_distillation():
     """Every job's config file and --config.* overrides are valid (a typo fails here, not hours
     into the sweep); `after` only names earlier jobs; the evaluation lists the trained runs."""
-    jobs = comparison.get_hyper("root=R")
-    names = [j["name"] for j in jobs]
+    sweep = load_sweep()
+    points = comparison.get_hyper(sweep.Hyper(""))
+    jobs = sweep.commands("configs/shapes/comparison.py", "R", "local", points, [])
+    names = [job["name"] for job, _ in jobs]
     assert len(names) == len(set(names)) == 2 * (len(comparison.RUNS) + 4) + 1
-    for i, job in enumerate(jobs):
-        assert set(job["after"]) <= set(names[:i]), job["name"]
+    sweep.check_jobs({}, [sweep.split_point(p, "unused", "R") for p in points])
+    for job, argv in jobs:
+        assert argv[:3] == ["launch/local.sh", job["config"], job["workdir"]]
         assert job["workdir"] == ("R" if job["mode"] == "eval" else f"R/{job['name']}")
-        config = evaluate.load_config_file(job["config"])
-        for key, value in job.items():
-            if key.startswith("config."):
-                evaluate.set_dotted(config, key[len("config.") :], value)
-    sd4 = next(j for j in jobs if j["name"] == "sd4_s1")
-    assert sd4["after"] == ["sd8_s1"]
-    assert sd4["config.step_distill.previous_workdir"] == "R/sd8_s1"
+    by_name = {job["name"]: (job, argv) for job, argv in jobs}
+    sd4, argv = by_name["sd4_s1"]
+    assert sd4["after"] == ("sd8_s1",)
+    assert "--config.step_distill.previous_workdir=R/sd8_s1" in argv
+    evaluation, argv = by_name["evaluate"]
+    assert argv[-1] == "--mode=eval" and set(evaluation["after"]) == set(names[:-1])
     eval_runs = {r["name"] for r in comparison.get_config("").runs}
-    trained = {j["name"] for j in jobs if j["mode"] == "train"}
+    trained = {job["name"] for job, _ in jobs if job["mode"] == "train"}
     assert eval_runs - {"teacher"} <= trained
     assert {"if3_no_srl_s0", "lcm_s1", "sd4_s0", "add_s1"} <= eval_runs
+
+
+def test_sweep_dry_run_of_the_comparison_with_slurm_dependencies():
+    result = subprocess.run(
+        [sys.executable, "launch/sweep.py", "--config", "configs/shapes/comparison.py:seeds=1",
+         "--workdir", "runs/c", "--launcher", "slurm", "--dry-run"],
+        cwd=ROOT, check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    lines = [shlex.split(line) for line in result.stdout.splitlines()]
+    assert "# 14 jobs (slurm)" in result.stderr and len(lines) == 14
+    sd8 = next(line for line in lines if "--job-name=flash-jax-sd8_s0" in line)
+    assert sd8[2] == "--dependency=afterok:sd16_s0" and sd8[5] == "runs/c/sd8_s0"
+    assert lines[-1][-3:] == ["configs/shapes/comparison.py:seeds=1,assets=assets/shapes",
+                              "runs/c", "--mode=eval"]  # fmt: skip
+    with pytest.raises(ValueError, match="not earlier jobs"):
+        load_sweep().commands("c.py", "R", "local", [{"name": "a", "after": ["b"]}], [])
 
 
 def code_cells(path: Path) -> list[str]:

@@ -1,23 +1,19 @@
 """The testbed's Table 1 and ablation table (METHOD.md §5): every method on the same teacher, with
 the same budget, at least two training seeds each, evaluated on the same prompts and noise.
 
-Two functions over ONE list of runs (`runs`):
+Two functions over ONE list of runs (`RUNS` + the step-distillation chain), with the same
+argument `arg`: comma-separated "tiny" (tiny models, 2 updates: a smoke run of the whole sweep),
+"seeds=N" (training seeds per method, default 2), "assets=DIR" (the frozen teacher.msgpack,
+autoencoder.msgpack and judge.msgpack; default assets/shapes, the shipped trained testbed models;
+tiny runs need tiny ones).
 
-`get_hyper(arg)` -> the training jobs, a list of dicts in dependency order, one per run:
-    {"name": "if3_s0",                                   job name = its folder under the root
-     "config": "configs/shapes/imagine_flash.py:3",      config file[:variants]
-     "workdir": "runs/comparison/if3_s0",                --workdir
-     "mode": "train",                                    --mode
-     "after": [],                                        jobs that must have finished first
-     "config.seed": 0, ...}                              every other key: --config.<key>=<value>
-  and, last, the evaluation job (mode "eval", this file as config, the root as workdir, after every
-  training job). A launcher runs, per job:
-    python -m flash_jax.main --config <config> --workdir <workdir> --mode <mode> \
-        --config.<key>=<value> ...
-  arg: comma-separated "tiny" (tiny models, 2 updates: a smoke run of the whole sweep),
-  "root=DIR" (default runs/comparison), "seeds=N" (training seeds per method, default 2),
-  "assets=DIR" (the frozen teacher.msgpack, autoencoder.msgpack and judge.msgpack; default
-  assets/shapes, the shipped trained testbed models; tiny runs need tiny ones).
+`get_hyper(h)` (launch/sweep.py; `h.arg` is `arg`) -> the jobs, in dependency order: one training
+job per run and seed (job fields `name` = its folder under the sweep's --workdir, `config`,
+`after`; step distillation's stages each `after` the previous one, whose folder is their
+`previous_workdir`), then the evaluation job (`mode` "eval", this file as config, the sweep's
+--workdir as its workdir, after every training job):
+    python launch/sweep.py --config configs/shapes/comparison.py[:arg] --workdir runs/comparison \
+        [--launcher local|slurm|tpu_pod] [--dry-run]
 
 `get_config(arg)` -> the evaluation config (`--mode eval`, flash_jax/eval/evaluate.py reads it):
   the same runs by name (their folders under --workdir), each at its step counts, plus the teacher.
@@ -36,7 +32,6 @@ import ml_collections
 from configs.shapes import step_distill
 
 DEFAULT_ASSETS = "assets/shapes"  # the shipped trained teacher, autoencoder and judge
-DEFAULT_ROOT = "runs/comparison"
 
 # (label, name, config, evaluated step counts); every run is trained once per seed.
 IMAGINE_FLASH = "configs/shapes/imagine_flash.py"
@@ -56,19 +51,19 @@ TEACHER_STEPS = (25, 3)
 
 
 def _parse(arg: str) -> dict:
-    """`{"tiny", "root", "seeds", "assets"}` from the comma-separated argument."""
-    out = dict(tiny=False, root=DEFAULT_ROOT, seeds=2, assets=DEFAULT_ASSETS)
+    """`{"tiny", "seeds", "assets"}` from the comma-separated argument."""
+    out = dict(tiny=False, seeds=2, assets=DEFAULT_ASSETS)
     for token in filter(None, (arg or "").split(",")):
         key, eq, value = token.partition("=")
         if token == "tiny":
             out["tiny"] = True
-        elif eq and key in ("root", "assets"):
+        elif eq and key == "assets":
             out[key] = value
         elif eq and key == "seeds":
             out["seeds"] = int(value)
         else:
             raise ValueError(
-                f"comparison config: unknown argument {token!r} (tiny, root=, seeds=, assets=)"
+                f"comparison config: unknown argument {token!r} (tiny, seeds=, assets=)"
             )
     if out["seeds"] < 1:
         raise ValueError(f"comparison config: seeds={out['seeds']} must be >= 1")
@@ -109,10 +104,10 @@ def evaluated_runs(arg: str = "") -> list[dict]:
     return out
 
 
-def get_hyper(arg: str = "") -> list[dict]:
-    """The sweep's jobs (format in the module docstring)."""
-    a = _parse(arg)
-    tiny, root = a["tiny"], a["root"]
+def get_hyper(h) -> list[dict]:
+    """The sweep's jobs (launch/sweep.py): the training runs, then the evaluation."""
+    a = _parse(h.arg)
+    tiny = a["tiny"]
     shared = {
         "config.teacher_workdir": f"{a['assets']}/teacher.msgpack",
         "config.autoencoder_workdir": f"{a['assets']}/autoencoder.msgpack",
@@ -121,45 +116,28 @@ def get_hyper(arg: str = "") -> list[dict]:
     for seed in range(a["seeds"]):
         seeded = shared | {"config.seed": seed, "config.data.shuffle_seed": seed}
         for _, name, config, _ in RUNS:
-            job = f"{name}_s{seed}"
-            jobs.append(
-                dict(
-                    name=job,
-                    config=_with_tiny(config, tiny),
-                    workdir=f"{root}/{job}",
-                    mode="train",
-                    after=[],
-                    **seeded,
-                )
-            )
+            jobs.append(dict(name=f"{name}_s{seed}", config=_with_tiny(config, tiny), **seeded))
         previous = None
         for stage in step_distill.CHAIN:
-            job = f"sd{stage}_s{seed}"
-            overrides = dict(seeded)
-            if previous:
-                overrides["config.step_distill.previous_workdir"] = f"{root}/{previous}"
-            jobs.append(
-                dict(
-                    name=job,
-                    config=_with_tiny(f"{STEP_DISTILL}:{stage}", tiny),
-                    workdir=f"{root}/{job}",
-                    mode="train",
-                    after=[previous] if previous else [],
-                    **overrides,
-                )
+            job = dict(
+                name=f"sd{stage}_s{seed}",
+                config=_with_tiny(f"{STEP_DISTILL}:{stage}", tiny),
+                **seeded,
             )
-            previous = job
+            if previous:
+                job["after"] = (previous,)
+                job["config.step_distill.previous_workdir"] = f"{{workdir}}/{previous}"
+            jobs.append(job)
+            previous = job["name"]
     variant = ",".join(["tiny"] * tiny + [f"seeds={a['seeds']}", f"assets={a['assets']}"])
-    jobs.append(
-        dict(
-            name="evaluate",
-            config=f"configs/shapes/comparison.py:{variant}",
-            workdir=root,
-            mode="eval",
-            after=[j["name"] for j in jobs],
-        )
+    evaluation = dict(
+        name="evaluate",
+        config=f"configs/shapes/comparison.py:{variant}",
+        workdir="{workdir}",
+        mode="eval",
+        after=tuple(j["name"] for j in jobs),
     )
-    return jobs
+    return [*jobs, evaluation]
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
