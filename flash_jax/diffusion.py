@@ -183,6 +183,24 @@ def v_target(x0: jnp.ndarray, eps: jnp.ndarray, alpha, sigma) -> jnp.ndarray:
     return alpha * eps - sigma * x0
 
 
+def min_snr_weight(alpha, sigma, gamma: float, prediction_type: PredictionType) -> jnp.ndarray:
+    """Min-SNR-γ loss weight (Hang et al. 2023) for the MSE on a `prediction_type` target.
+
+    Makes the loss equal to min(SNR, γ)·‖x̂0 − x0‖² whatever the parameterisation (SNR = α²/σ²):
+    the ε-loss is SNR·‖x̂0 − x0‖² and the v-loss (SNR + 1)·‖x̂0 − x0‖². It caps the weight of the
+    nearly clean timesteps, whose fine-detail loss otherwise dominates the gradient.
+    """
+    snr = (alpha / sigma) ** 2
+    capped = jnp.minimum(snr, gamma)
+    if prediction_type == "epsilon":
+        return capped / snr
+    if prediction_type == "v_prediction":
+        return capped / (snr + 1.0)
+    if prediction_type == "sample":
+        return capped
+    raise ValueError(f"prediction_type={prediction_type!r} is not epsilon/v_prediction/sample")
+
+
 def predict_x0_eps(
     model_output: jnp.ndarray, x: jnp.ndarray, alpha, sigma, prediction_type: PredictionType
 ) -> tuple[jnp.ndarray, jnp.ndarray]:

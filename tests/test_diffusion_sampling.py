@@ -283,3 +283,31 @@ def test_prediction_conversions_round_trip():
         got_x0, got_eps = diffusion.predict_x0_eps(jnp.asarray(out), x, a, s, kind)
         np.testing.assert_allclose(got_x0, x0, atol=1e-5)
         np.testing.assert_allclose(got_eps, eps, atol=1e-5)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_min_snr_weight_gives_min_snr_times_x0_error(prediction_type):
+    """For an output that implies the estimate x̂0 at x_t, weight · ‖output − target‖² must equal
+    min(SNR, γ) · ‖x̂0 − x0‖², with SNR = α²/σ², for every parameterisation."""
+    schedule = diffusion.make_schedule(prediction_type=prediction_type)
+    t = jnp.array([0, 10, 120, 500, 999])
+    alpha, sigma = (a.reshape(-1, 1, 1, 1) for a in schedule.alpha_sigma(t))
+    shape = (t.shape[0], 4, 4, 3)
+    x0, eps, x0_hat = (jnp.asarray(_noise(seed, shape)) for seed in (1, 2, 3))
+    x_t = diffusion.add_noise(x0, eps, alpha, sigma)
+    eps_hat = diffusion.eps_from_x0(x_t, x0_hat, alpha, sigma)
+    outputs = {
+        "epsilon": (eps_hat, eps),
+        "v_prediction": (
+            diffusion.v_target(x0_hat, eps_hat, alpha, sigma),
+            diffusion.v_target(x0, eps, alpha, sigma),
+        ),
+        "sample": (x0_hat, x0),
+    }
+    output, target = outputs[prediction_type]
+    gamma = 5.0
+    weight = diffusion.min_snr_weight(alpha, sigma, gamma, prediction_type)
+    snr = (alpha / sigma) ** 2
+    got = weight * jnp.mean((output - target) ** 2, axis=(1, 2, 3), keepdims=True)
+    want = jnp.minimum(snr, gamma) * jnp.mean((x0_hat - x0) ** 2, axis=(1, 2, 3), keepdims=True)
+    np.testing.assert_allclose(got, want, rtol=2e-4)

@@ -1,6 +1,13 @@
 """Trains the AutoencoderKL of the latent space: L1 + L2 reconstruction + a small KL term.
 
-config reads: model.autoencoder, kl_weight.
+config reads: model.autoencoder, kl_weight, decoder_noise (optional, default 0).
+
+`decoder_noise` makes the decoder robust to the small latent errors a diffusion model makes: each
+example's latent gets extra Gaussian noise of std u · decoder_noise · std(posterior means of the
+batch), u ~ U(0, 1), before decoding. The std is measured on the batch (without gradient) so the
+encoder cannot escape the noise by growing its latents. With the tiny KL weight alone the posterior
+std is ~0.2 % of the latent std, and a decoder that never saw errors turns a diffusion model's
+errors into speckle (docs/results.md, "A second trial: factor-2 latents").
 """
 
 from __future__ import annotations
@@ -16,6 +23,9 @@ from flash_jax.models import autoencoder
 
 def make(config: ml_collections.ConfigDict) -> Method:
     ae = autoencoder.AutoencoderConfig.from_diffusers(config.model.autoencoder.to_dict())
+    noise = float(config.get("decoder_noise", 0.0))
+    if noise < 0:
+        raise ValueError(f"config.decoder_noise must be >= 0, got {noise}")
 
     def prepare_batch(raw: dict) -> dict:
         return {"image": np.asarray(raw["image"])}
@@ -25,9 +35,14 @@ def make(config: ml_collections.ConfigDict) -> Method:
 
     def generator_loss(params, frozen, batch, rng, disc_params=None):
         del frozen, disc_params
+        k_post, k_level, k_noise = jax.random.split(rng, 3)
         x = to_unit(batch["image"])
         mean, logvar = autoencoder.encode(params, ae, x)
-        z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape)
+        z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(k_post, mean.shape)
+        if noise:
+            level = noise * jax.random.uniform(k_level, (z.shape[0], 1, 1, 1))
+            scale = jax.lax.stop_gradient(jnp.std(mean))
+            z = z + level * scale * jax.random.normal(k_noise, z.shape)
         recon = autoencoder.decode(params, ae, z)
         l1 = jnp.mean(jnp.abs(recon - x))
         l2 = jnp.mean((recon - x) ** 2)

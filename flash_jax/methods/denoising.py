@@ -1,6 +1,7 @@
 """The diffusion loss: trains a text-to-image teacher (UNet + text encoder) on frozen-VAE latents.
 
 config reads: model.*, schedule.*, cfg_dropout (probability of the empty prompt, for CFG),
+snr_gamma (optional; > 0 weights the loss by min-SNR-γ, `diffusion.min_snr_weight`),
 autoencoder_workdir (where the frozen VAE was trained; or model.pretrained), sample.* (the sampler
 of the grids and of `generate`, which evaluation calls with its own step counts). Cached latents in
 the batch (flash_jax/data/cache.py) replace the VAE encoder; the text encoder is trained here, so it
@@ -41,6 +42,7 @@ def make(config: ml_collections.ConfigDict) -> Method:
     empty_tokens = tokenizer([""])[0]
     schedule = model.schedule
     grid_sampler = sampler_config(config.sample)
+    snr_gamma = float(config.get("snr_gamma", 0.0))
 
     prepare_batch = functools.partial(pipeline.prepare_batch, tokenizer=tokenizer, model=model)
 
@@ -62,8 +64,13 @@ def make(config: ml_collections.ConfigDict) -> Method:
         x_t = diffusion.add_noise(x0, noise, alpha, sigma)
         out = model.apply_unet(params["unet"], x_t, t.astype(jnp.float32), context)
         target = diffusion_target(x0, noise, alpha, sigma, schedule.prediction_type)
-        loss = jnp.mean((out - target) ** 2)
-        return loss, {}
+        per_example = jnp.mean((out - target) ** 2, axis=(1, 2, 3))
+        if snr_gamma > 0:
+            weight = diffusion.min_snr_weight(
+                alpha[:, 0, 0, 0], sigma[:, 0, 0, 0], snr_gamma, schedule.prediction_type
+            )
+            return jnp.mean(weight * per_example), {"unweighted_loss": jnp.mean(per_example)}
+        return jnp.mean(per_example), {}
 
     def generate(params, frozen, tokens, x_T, rng, num_steps: int):
         """The teacher sampled with `config.sample` (CFG included) at `num_steps` steps."""
