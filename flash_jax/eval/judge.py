@@ -559,8 +559,12 @@ def real_examples(
     return images, labels
 
 
-def _reconstruct(autoencoder_workdir: str, images: np.ndarray) -> np.ndarray:
-    """Autoencoder reconstructions (posterior mean) of uint8 images."""
+def _reconstruct(
+    autoencoder_workdir: str, images: np.ndarray, latent_noise: float = 0.0
+) -> np.ndarray:
+    """Autoencoder reconstructions (posterior mean) of uint8 images. With `latent_noise`, Gaussian
+    noise of std latent_noise · std(posterior means) is added before decoding (fixed seed): the
+    error of a diffusion model that samples unit-variance latents to that accuracy."""
     from flash_jax.models import autoencoder
     from flash_jax.train import checkpoint
 
@@ -569,13 +573,16 @@ def _reconstruct(autoencoder_workdir: str, images: np.ndarray) -> np.ndarray:
     params = checkpoint.load_params(autoencoder_workdir)
 
     @jax.jit
-    def recon(x):
+    def recon(x, key):
         x = x.astype(jnp.float32) / 127.5 - 1.0
-        y = autoencoder.decode(params, ae, autoencoder.encode(params, ae, x)[0])
+        z = autoencoder.encode(params, ae, x)[0]
+        z = z + latent_noise * jnp.std(z) * jax.random.normal(key, z.shape)
+        y = autoencoder.decode(params, ae, z)
         return jnp.clip(jnp.round((y + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
 
+    keys = jax.random.split(jax.random.PRNGKey(0), (len(images) + 99) // 100)
     return np.concatenate(
-        [np.asarray(recon(images[i : i + 100])) for i in range(0, len(images), 100)]
+        [np.asarray(recon(images[i : i + 100], keys[i // 100])) for i in range(0, len(images), 100)]
     )
 
 
@@ -597,8 +604,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--n", type=int, default=1000, help="images per split")
     parser.add_argument("--splits", default="eval,heldout", help="comma-separated splits")
     parser.add_argument("--autoencoder_workdir", default=None, help="also judge reconstructions")
+    parser.add_argument(
+        "--latent_noise",
+        default="",
+        help="comma-separated levels: also judge decodes of latents + level·std(latents)·ε",
+    )
     parser.add_argument("--out", default=None, help="JSON path (default WORKDIR/judge_eval.json)")
     args = parser.parse_args(argv)
+    noise_levels = [float(v) for v in filter(None, args.latent_noise.split(","))]
 
     from flash_jax.eval import metrics
 
@@ -612,6 +625,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         if args.autoencoder_workdir:
             recon = _reconstruct(args.autoencoder_workdir, images)
             rows[f"{split} (VAE recon)"] = evaluate_judge(params, recon, labels, config)
+            for level in noise_levels:
+                noisy = _reconstruct(args.autoencoder_workdir, images, level)
+                rows[f"{split} (VAE recon, latent noise {level:g})"] = evaluate_judge(
+                    params, noisy, labels, config
+                )
         print(f"{split}: {time.time() - t:.1f} s", flush=True)
     print(metrics.markdown_table(rows, TABLE_COLUMNS))
     out = Path(args.out) if args.out else Path(args.workdir) / "judge_eval.json"
