@@ -15,6 +15,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c = common.training("autoencoder", total_steps=1000, sample_every=500, ema_decay=0.99)
     c.model = common.model(size)
     c.kl_weight = 1e-6  # KL to N(0, I), small: the latent scale is fixed afterwards
+    c.decoder_noise = 0.0  # > 0: the decoder sees z + U(0, decoder_noise)·std(z)·ε (robustness)
     c.optimizer = common.optimizer(learning_rate=1e-3, warmup_steps=100)
     if "quick" in variants:
         c.total_steps, c.checkpoint_every, c.sample_every, c.log_every = 300, 300, 300, 25

@@ -28,6 +28,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
             prediction_type="epsilon",
         )
     )
+    c.snr_gamma = 0.0  # > 0: min-SNR-γ loss weight (diffusion.min_snr_weight); 0: plain ε-loss
     c.cfg_dropout = 0.1  # probability of training on the empty prompt
     c.autoencoder_workdir = "runs/shapes/autoencoder"  # the trained stage-1 VAE
     # The sampler of the periodic grids (every flash_jax.sampling.SamplerConfig field).
