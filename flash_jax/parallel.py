@@ -52,7 +52,7 @@ def _multi_process_env() -> str | None:
     env = os.environ
     if env.get("JAX_COORDINATOR_ADDRESS"):
         return "JAX_COORDINATOR_ADDRESS"
-    if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_JOB_ID" in env:
+    if int(env.get("SLURM_STEP_NUM_TASKS", "1")) > 1:  # an srun step, not the batch script
         return "SLURM"
     if int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
         return "Open MPI"
@@ -65,7 +65,7 @@ def _multi_process_env() -> str | None:
 def initialize_distributed(mode: str = "auto") -> bool:
     """Calls `jax.distributed.initialize()` once per process, before anything touches a device.
 
-    mode "auto": only when the environment shows a multi-process launch (SLURM with several tasks,
+    mode "auto": only when the environment shows a multi-process launch (an srun of several tasks,
     Open MPI, a TPU pod's worker list, or `JAX_COORDINATOR_ADDRESS` with `JAX_NUM_PROCESSES` /
     `JAX_PROCESS_ID`); a single process is left alone. "on": always (a Cloud TPU VM pod is found
     through its metadata server, which has no environment variable). "off": never.

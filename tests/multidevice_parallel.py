@@ -34,12 +34,19 @@ from flash_jax.pipeline import T2I
 from flash_jax.train import checkpoint, loop
 
 MESHES = ((8, 1, 1), (2, 4, 1), (2, 2, 2))
+RTOL, ATOL = 2e-5, 1e-7  # float32 with other reduction orders (sums split 2-, 4- or 8-way)
 BATCH = 8
 STEPS = 2
 
 
 def tiny_config(tmp: Path):
-    """Tiny Imagine Flash with random frozen models; lr > 0 from the second step (warm-up 1)."""
+    """Tiny Imagine Flash with random frozen models; lr > 0 from the second step (warm-up 1).
+
+    Adam's ε is raised to 1e-3: with the default 1e-8, parameters whose gradient is exactly zero
+    in exact arithmetic (a bias before a GroupNorm) but float noise (~1e-10) in practice move by
+    ±lr·noise/(|noise| + ε), i.e. by noise-dependent amounts up to ~lr, on any two devices
+    counts. With ε ≫ noise each update is a smooth function of the gradient, so updated
+    parameters compare at float32 tolerance like the gradients themselves."""
     config = if_config.get_config("tiny")
     model = T2I.from_config(config)
     teacher = model.init(jax.random.PRNGKey(10))
@@ -50,7 +57,8 @@ def tiny_config(tmp: Path):
         config.teacher_workdir = str(tmp / "teacher.msgpack")
         config.autoencoder_workdir = str(tmp / "vae.msgpack")
         config.batch_size = BATCH
-        config.optimizer.warmup_steps = config.disc_optimizer.warmup_steps = 1
+        for opt in (config.optimizer, config.disc_optimizer):
+            opt.warmup_steps, opt.eps = 1, 1e-3
         config.fsdp_min_size = 64  # the size fallback shards the unannotated leaves too
     return config
 
@@ -82,10 +90,25 @@ def max_diff(a, b) -> float:
     )
 
 
-def assert_close(name, got, expected, rtol=2e-5, atol=2e-6):
-    for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol, err_msg=name)
-    print(f"CHECK {name} {max_diff(got, expected):.3g}", flush=True)
+FAILURES = []
+
+
+def assert_close(name, got, expected, rtol=RTOL, atol=ATOL):
+    """Every leaf within `atol + rtol·|expected|`; prints the worst leaf's ratio to that bound
+    (failures are collected, so one run reports every comparison)."""
+    worst, worst_path = 0.0, ""
+    flat_expected = dict(jax.tree.leaves_with_path(expected))
+    for path, x in jax.tree.leaves_with_path(got):
+        x, y = np.asarray(x, np.float64), np.asarray(flat_expected[path], np.float64)
+        ratio = float(np.max(np.abs(x - y) / (atol + rtol * np.abs(y)), initial=0.0))
+        if ratio > worst:
+            worst, worst_path = ratio, jax.tree_util.keystr(path)
+    print(
+        f"CHECK {name} max|diff| {max_diff(got, expected):.3g} worst/bound {worst:.3g} at {worst_path}",
+        flush=True,
+    )
+    if worst > 1.0:
+        FAILURES.append(name)
 
 
 def flat(tree) -> dict[str, np.ndarray]:
@@ -155,6 +178,7 @@ def main(out: Path) -> None:
         diff = max_diff(jax.device_get(restored), written)
         assert diff == 0.0, diff
         print(f"CHECK restore (2, 2, 2) -> {sizes} {diff:.3g}", flush=True)
+    assert not FAILURES, FAILURES
     print("ALL OK", flush=True)
 
 

@@ -158,16 +158,23 @@ def test_single_device_placement_helpers():
 
 
 def test_distributed_is_a_no_op_for_one_process(monkeypatch):
-    for var in ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
+    for var in (
+        "JAX_COORDINATOR_ADDRESS",
+        "SLURM_STEP_NUM_TASKS",
+        "OMPI_COMM_WORLD_SIZE",
+        "TPU_WORKER_HOSTNAMES",
+        "TPU_PROCESS_ADDRESSES",
+        "MEGASCALE_COORDINATOR_ADDRESS",
+    ):
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.delenv("TPU_WORKER_HOSTNAMES", raising=False)
-    monkeypatch.delenv("TPU_PROCESS_ADDRESSES", raising=False)
-    monkeypatch.delenv("MEGASCALE_COORDINATOR_ADDRESS", raising=False)
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "1")  # one srun task: nothing to coordinate
     assert parallel.initialize_distributed("auto") is False
     assert parallel.initialize_distributed("off") is False
-    monkeypatch.setenv("SLURM_JOB_ID", "1")
-    monkeypatch.setenv("SLURM_NTASKS", "4")
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "4")
     assert parallel._multi_process_env() == "SLURM"
+    monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "w0,w1")
+    monkeypatch.delenv("SLURM_STEP_NUM_TASKS")
+    assert parallel._multi_process_env() == "TPU pod"
     with pytest.raises(ValueError, match="distributed='maybe'"):
         parallel.initialize_distributed("maybe")
 
