@@ -18,20 +18,22 @@ import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 from tqdm import tqdm
 
 from flash_jax import methods, parallel
-from flash_jax.data import shapes, sources
+from flash_jax.data import shapes
 from flash_jax.train import checkpoint, preemption, tensorboard
 from flash_jax.train.state import TrainState, init_state
 from flash_jax.train.step import compile_train_step, make_train_step
+
+if TYPE_CHECKING:  # ml_collections is only a type here: GPU boxes without it can import this
+    import ml_collections
 
 log = logging.getLogger(__name__)
 
@@ -62,22 +64,15 @@ def make_data(
     shard_index: int | None = None,
     shard_count: int | None = None,
 ):
-    """The per-host Grain iterator for `config.data` (see `sources.make_shapes_dataset`); the
-    shard defaults to this process's (`sources.host_shard`)."""
-    if config.source != "shapes":
-        raise ValueError(f"config.data.source={config.source!r}: only 'shapes' is available")
-    ds = sources.make_shapes_dataset(
-        config.data_dir or None,
-        split,
-        batch_size,
-        seed=config.shuffle_seed,
-        shard_index=shard_index,
-        shard_count=shard_count,
-        num_records=(config.num_records or None) if split == "train" else None,
-        image_size=config.image_size,
-        data_seed=config.seed,
+    """The per-host Grain iterator for `config.data` (see `sources.make_dataset`); the shard
+    defaults to this process's (`sources.host_shard`)."""
+    from flash_jax.data import sources  # grain + TFDS: only the data path needs them
+
+    return iter(
+        sources.make_dataset(
+            config, batch_size, split, shard_index=shard_index, shard_count=shard_count
+        )
     )
-    return iter(ds)
 
 
 def _check_batch_size(batch_size: int, mesh: jax.sharding.Mesh) -> None:

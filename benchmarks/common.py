@@ -1,0 +1,361 @@
+"""Helpers shared by the benchmark scripts: timing, the machine's matmul peak and copy bandwidth,
+XLA cost / memory analysis, model configs (testbed-free: no ml_collections needed), random frozen
+models served in memory, and the JSON output.
+
+Everything here runs on jax 0.10 (CPU) and 0.11 (GPU) with only jax, flax, optax, orbax and numpy:
+the GPU machines have no ml_collections, grain or TFDS.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from flash_jax.methods import Method
+from flash_jax.models import autoencoder
+from flash_jax.pipeline import T2I
+from flash_jax.train import checkpoint
+from flash_jax.train import state as state_lib
+
+RESULTS = Path(__file__).parent / "results"
+
+
+class Config(dict):
+    """The part of `ml_collections.ConfigDict` that `T2I.from_config`, the methods' `make` and
+    `loop.make_optimizer` read: attribute access (nested dicts come back as `Config`) and
+    `to_dict()`. Lets the benchmarks build SD-size configs on machines without ml_collections."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            value = self[name]
+        except KeyError:
+            raise AttributeError(f"config has no field {name!r}") from None
+        return Config(value) if isinstance(value, dict) and not isinstance(value, Config) else value
+
+    def to_dict(self) -> dict[str, Any]:
+        return copy.deepcopy(dict(self))
+
+
+# ------------------------------------------------------------------------------------ timing
+
+
+def timed(fn: Callable, *args: Any, iters: int, warmup: int = 1) -> dict[str, float]:
+    """Times `fn(*args)` (blocking on its output): `first_s` (the first call, i.e. trace + compile
+    + one run for a fresh jitted function), then `iters` calls after `warmup - 1` more:
+    median / min / mean milliseconds. A fixed number of calls, never a time-based loop."""
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    first_s = time.perf_counter() - start
+    for _ in range(warmup - 1):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append((time.perf_counter() - start) * 1e3)
+    return {
+        "first_s": first_s,
+        "median_ms": statistics.median(times),
+        "min_ms": min(times),
+        "mean_ms": statistics.fmean(times),
+        "iters": iters,
+    }
+
+
+def matmul_peak(n: int, iters: int, dtype: Any = jnp.bfloat16) -> dict[str, float]:
+    """The measured dense matmul rate: `(n, n) @ (n, n)` in `dtype`, median of `iters` calls."""
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype)
+    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), dtype)
+    stats = timed(jax.jit(jnp.dot), a, b, iters=iters, warmup=2)
+    flops = 2.0 * n**3
+    return {
+        "n": n,
+        "dtype": jnp.dtype(dtype).name,
+        "median_ms": stats["median_ms"],
+        "tflops": flops / (stats["median_ms"] * 1e-3) / 1e12,
+        "tflops_best": flops / (stats["min_ms"] * 1e-3) / 1e12,
+    }
+
+
+def copy_bandwidth(nbytes: int, iters: int) -> dict[str, float]:
+    """Device memory bandwidth from `x + 1` on a float32 array of `nbytes` (reads and writes it
+    once: 2·nbytes moved per call), median of `iters` calls."""
+    x = jnp.zeros((nbytes // 4,), jnp.float32)
+    stats = timed(jax.jit(lambda v: v + 1.0), x, iters=iters, warmup=2)
+    moved = 2.0 * x.size * 4
+    return {
+        "bytes": int(x.size * 4),
+        "median_ms": stats["median_ms"],
+        "gb_per_s": moved / (stats["median_ms"] * 1e-3) / 1e9,
+    }
+
+
+# ----------------------------------------------------------------------- XLA cost / memory
+
+
+def _first(analysis: Any) -> dict[str, float]:
+    # jax returns a dict (newer) or a one-element list of dicts (older) or None.
+    if isinstance(analysis, (list, tuple)):
+        analysis = analysis[0] if analysis else None
+    return dict(analysis or {})
+
+
+def flops_of(lowered_or_compiled: Any) -> float:
+    """FLOPs XLA's cost analysis counts for a lowered or compiled program (0.0 if unavailable).
+    XLA counts the body of a `while` loop (`lax.scan`) ONCE whatever its trip count: see
+    `loops_counted_once` and correct with the trip counts the caller knows."""
+    return float(_first(lowered_or_compiled.cost_analysis()).get("flops", 0.0))
+
+
+def loops_counted_once() -> bool:
+    """Whether this backend's cost analysis counts a scan's body once (True on XLA CPU and GPU
+    as of jax 0.10 / 0.11). Probed on a 3-step scan of a matmul, so a future XLA that multiplies
+    by the trip count is detected instead of double-corrected."""
+
+    def three(x):
+        return jax.lax.scan(lambda c, _: (c @ c, None), x, None, length=3)[0]
+
+    x = jnp.ones((64, 64))
+    one_step = 2.0 * 64**3
+    return flops_of(jax.jit(three).lower(x).compile()) < 2 * one_step
+
+
+def memory_of(compiled: Any) -> dict[str, int]:
+    """`compiled.memory_analysis()` as a dict of bytes, plus `total_bytes` = arguments + outputs
+    + temporaries − aliased (donated) buffers: the live device memory the program needs."""
+    stats = compiled.memory_analysis()
+    if stats is None:
+        return {}
+    keys = ("argument", "output", "temp", "alias", "generated_code")
+    out = {f"{k}_bytes": int(getattr(stats, f"{k}_size_in_bytes", 0)) for k in keys}
+    out["total_bytes"] = (
+        out["argument_bytes"] + out["output_bytes"] + out["temp_bytes"] - out["alias_bytes"]
+    )
+    return out
+
+
+def device_peak_bytes() -> int | None:
+    """The allocator's peak bytes in use on device 0 so far (GPU/TPU; None on CPU)."""
+    stats = jax.devices()[0].memory_stats()
+    return None if not stats else int(stats.get("peak_bytes_in_use", 0)) or None
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def sd15_config(
+    *,
+    tiny: bool = False,
+    dtype: Any = jnp.bfloat16,
+    remat: bool = True,
+    batch_size: int = 8,
+    student_steps: tuple[int, ...] = (3,),
+    teacher_steps: int = 2,
+    guidance_scale: float = 7.5,
+) -> Config:
+    """An Imagine Flash training config at Stable Diffusion 1.5 size (random weights): diffusers'
+    SD1.5 UNet (320/640/1280/1280, cross-attention 768, 8 heads, 64×64×4 latents), a CLIP
+    ViT-L/14-size text encoder (77 tokens, fp32: frozen and small), the SD VAE (512×512 images).
+    `tiny`: the same structure at toy width (16×16 images, 8×8 latents) for CPU smoke tests.
+    `dtype` is the UNet's and the VAE's parameter and compute dtype."""
+    if tiny:
+        unet_channels, heads, cross, groups = (32, 64), 2, 32, 8
+        down = ["CrossAttnDownBlock2D", "DownBlock2D"]
+        up = ["UpBlock2D", "CrossAttnUpBlock2D"]
+        text = dict(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2
+        )
+        vae_channels, vae_layers, image_size = (8, 16), 1, 16
+    else:
+        unet_channels, heads, cross, groups = (320, 640, 1280, 1280), 8, 768, 32
+        down = ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]
+        up = ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3
+        text = dict(
+            hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12
+        )
+        vae_channels, vae_layers, image_size = (128, 256, 512, 512), 2, 512
+    unet = dict(
+        sample_size=image_size // 2 ** (len(vae_channels) - 1),
+        down_block_types=down,
+        up_block_types=up,
+        block_out_channels=list(unet_channels),
+        layers_per_block=2 if not tiny else 1,
+        attention_head_dim=heads,
+        cross_attention_dim=cross,
+        norm_num_groups=groups,
+        dtype=dtype,
+        param_dtype=dtype,
+        remat=remat,
+    )
+    # The testbed's word tokenizer stands in for CLIP's BPE: token ids only index the embedding.
+    text |= dict(vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu")
+    text["eos_token_id"] = 3  # the word tokenizer's <eos>
+    autoencoder = dict(
+        down_block_types=["DownEncoderBlock2D"] * len(vae_channels),
+        up_block_types=["UpDecoderBlock2D"] * len(vae_channels),
+        block_out_channels=list(vae_channels),
+        layers_per_block=vae_layers,
+        latent_channels=4,
+        norm_num_groups=min(32, vae_channels[0]),
+        sample_size=image_size,
+        scaling_factor=0.18215,
+        dtype=dtype,
+        param_dtype=dtype,
+    )
+    schedule = dict(
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        num_train_timesteps=1000,
+        rescale_betas_zero_snr=False,
+        prediction_type="epsilon",
+    )
+    optimizer = dict(
+        learning_rate=1e-5, warmup_steps=1, grad_clip=1.0, b1=0.9, b2=0.999, weight_decay=0.0
+    )
+    return Config(
+        method="imagine_flash",
+        batch_size=batch_size,
+        ema_decay=0.999,
+        model=dict(unet=unet, text=text, autoencoder=autoencoder),
+        schedule=schedule,
+        data=dict(image_size=image_size),
+        teacher_workdir="memory://teacher",
+        autoencoder_workdir="memory://vae",
+        optimizer=optimizer,
+        disc_optimizer=dict(optimizer),
+        imagine_flash=dict(
+            student_steps=list(student_steps),
+            backward=True,
+            rollout_noise_correction=True,
+            srl=True,
+            gamma="affine",
+            gamma_a=0.75,
+            gamma_b=0.0,
+            gamma_shift=0.5,
+            gamma_jitter=0.0,
+            teacher_steps=teacher_steps,
+            teacher_sampler="ddim",
+            guidance_scale=guidance_scale,
+            guidance_rescale=0.0,
+            loss_weighting="uniform",
+            adv_weight=0.1,
+            disc_width=64 if not tiny else 8,
+            disc_t_max=750,
+        ),
+    )
+
+
+def init_autoencoder(model: T2I, rng: jax.Array) -> Any:
+    """Random VAE params for `model` (jitted init: no eager op-by-op dispatch at SD size)."""
+    return jax.jit(functools.partial(autoencoder.init_params, model.autoencoder))(rng)
+
+
+@contextlib.contextmanager
+def frozen_in_memory(trees: dict[str, Any]) -> Iterator[None]:
+    """Serves `checkpoint.load_params(path)` from `trees` (path -> params) while active, so a
+    method's `init` / `load_frozen` / `init_discriminator` run unchanged on random in-memory
+    weights: no SD-size files written and read back. Other paths still go to disk."""
+    original = checkpoint.load_params
+
+    def load_params(workdir: Any, field: str = "ema_params") -> Any:
+        return trees[str(workdir)] if str(workdir) in trees else original(workdir, field)
+
+    checkpoint.load_params = load_params
+    try:
+        yield
+    finally:
+        checkpoint.load_params = original
+
+
+def imagine_flash_state(
+    config: Any,
+    method: Method,
+    tx: optax.GradientTransformation,
+    disc_tx: optax.GradientTransformation,
+    rng: jax.Array,
+    teacher: Any,
+    vae: Any,
+) -> state_lib.TrainState:
+    """The Imagine Flash TrainState at step 0 (student = teacher, fresh discriminator), built by
+    the method's own `init` / `init_discriminator` from the frozen `teacher` / `vae` trees.
+    Traceable: `jax.jit` it for arrays (the outputs are fresh buffers, safe to donate), or
+    `jax.eval_shape` it on `jax.ShapeDtypeStruct`s for an abstract state (no weights)."""
+    with frozen_in_memory(_frozen_paths(config, teacher, vae)):
+        params = method.init(rng)
+        disc = method.init_discriminator(rng) if method.init_discriminator else None
+    return state_lib.init_state(params, tx, rng, disc, disc_tx if disc is not None else None)
+
+
+def imagine_flash_frozen(config: Any, method: Method, teacher: Any, vae: Any) -> Any:
+    """`method.load_frozen()` served from the in-memory `teacher` / `vae` trees."""
+    with frozen_in_memory(_frozen_paths(config, teacher, vae)):
+        return method.load_frozen()
+
+
+def _frozen_paths(config: Any, teacher: Any, vae: Any) -> dict[str, Any]:
+    return {str(config.teacher_workdir): teacher, str(config.autoencoder_workdir): vae}
+
+
+def imagine_flash_batch(method: Method, batch_size: int, image_size: int) -> dict[str, Any]:
+    """A prepared batch of black images with one caption (content does not change the cost)."""
+    raw = {
+        "image": np.zeros((batch_size, image_size, image_size, 3), np.uint8),
+        "caption": ["a red circle and a blue square"] * batch_size,
+    }
+    return method.prepare_batch(raw)
+
+
+# ------------------------------------------------------------------------------ output
+
+
+def platform_info() -> dict[str, Any]:
+    devices = jax.devices()
+    return {
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "devices": [str(d) for d in devices],
+        "device_kind": devices[0].device_kind,
+        "cpu_count": os.cpu_count(),
+        "matmul_precision": jax.config.jax_default_matmul_precision,
+    }
+
+
+def write_json(result: dict[str, Any], name: str, out: str | None = None) -> Path:
+    """Writes `result` to `out`, else `$OUT/<name>` when $OUT is set, else benchmarks/results/."""
+    if out:
+        path = Path(out)
+    elif os.environ.get("OUT"):
+        path = Path(os.environ["OUT"]) / name
+    else:
+        path = RESULTS / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2, default=_json_default))
+    return path
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.generic, jax.Array)):
+        return np.asarray(value).tolist()
+    return str(value)
+
+
+def table(rows: list[list[Any]], header: list[str]) -> str:
+    """A markdown table (what docs/performance.md pastes)."""
+    fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)

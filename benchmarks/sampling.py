@@ -1,0 +1,232 @@
+"""Sampling speed: the few-step student against the CFG teacher, same model, same code path.
+
+  python -m benchmarks.sampling [--batch 16] [--iters 5] [--teacher-steps 25,50] [--out FILE]
+
+Testbed model (configs/shapes/teacher.py, 8×8×4 latents), random weights: speed does not depend on
+training. Every sampler is `flash_jax.sampling.sample` (one compiled `lax.scan`): the student's
+N-step DDIM with noise correction, unguided (what the Imagine Flash student runs), against the
+teacher's DDIM with CFG (conditional and unconditional halves in one batched call per step).
+Latency is per batch (median of --iters calls after a compiling call); "speedup" is the teacher's
+latency over the student's and "ideal" the ratio of UNet evaluations per image (CFG counts 2).
+Text encoding and VAE decoding are timed once and added for the end-to-end figures.
+Prints a table and writes JSON (benchmarks/results/sampling.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from benchmarks import common
+from flash_jax import sampling
+from flash_jax.pipeline import T2I
+
+PROMPT = "a red circle and a blue square"
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One timed program: a sampler (`config` set, `unet_evals` per image) or a text encode / VAE
+    decode of the whole batch (`config` None)."""
+
+    call: Callable[[], jax.Array]
+    config: sampling.SamplerConfig | None = None
+    unet_evals: int = 0
+
+
+def make_jobs(
+    model: T2I,
+    params: dict[str, Any],
+    vae_params: Any,
+    x_T: jax.Array,
+    student_steps: tuple[int, ...],
+    teacher_steps: tuple[int, ...],
+    guidance_scale: float,
+) -> dict[str, Job]:
+    """The student samplers, the CFG teacher samplers, text encoding and VAE decoding of a batch
+    of `x_T.shape[0]` images; `params` = `{"unet", "text"}` (the student has the teacher's shape)."""
+    b = x_T.shape[0]
+    tokenizer = model.tokenizer()
+    tokens = jnp.asarray(tokenizer([PROMPT] * b))
+    encode = jax.jit(model.encode_text)
+    decode = jax.jit(model.to_images)
+    cond = encode(params["text"], tokens)
+    uncond = encode(params["text"], jnp.asarray(tokenizer([""] * b)))
+    configs = {
+        f"student {n}": sampling.SamplerConfig(num_steps=n, noise_correction=True)
+        for n in student_steps
+    }
+    for n in teacher_steps:
+        configs[f"teacher {n} CFG"] = sampling.SamplerConfig(
+            num_steps=n, guidance_scale=guidance_scale
+        )
+    jobs = {}
+    for name, cfg in configs.items():
+        guided = cfg.guidance_scale != 1
+        call = functools.partial(
+            sampling.sample,
+            model.apply_unet,
+            params["unet"],
+            x_T,
+            model.schedule,
+            cfg,
+            cond=cond,
+            uncond=uncond if guided else None,
+        )
+        jobs[name] = Job(call, cfg, cfg.num_steps * (2 if guided else 1))
+    jobs["text encode"] = Job(functools.partial(encode, params["text"], tokens))
+    jobs["vae decode"] = Job(functools.partial(decode, vae_params, x_T))
+    return jobs
+
+
+def unet_flops(model: T2I, unet_params: Any, x: jax.Array) -> float:
+    """FLOPs of one UNet evaluation on the batch `x` (XLA cost analysis of the unoptimised HLO)."""
+    b = x.shape[0]
+    context = jnp.zeros((b, model.max_length, model.text.hidden_size))
+    lowered = jax.jit(model.apply_unet).lower(unet_params, x, jnp.full((b,), 500.0), context)
+    return common.flops_of(lowered)
+
+
+def measure(
+    jobs: dict[str, Job],
+    *,
+    batch: int,
+    iters: int,
+    flops_per_eval: float,
+    peak_tflops: float | None = None,
+    ready: Callable[[str], Any] = lambda name: None,
+    over_budget: Callable[[], bool] = lambda: False,
+) -> dict[str, dict[str, Any]]:
+    """Times every job (its first call compiles unless `ready(name)` already waited for a compile
+    elsewhere); rows with latency, images/s, TFLOP/s, utilisation, end-to-end and speedups."""
+    out: dict[str, dict[str, Any]] = {}
+    b = batch
+    for name, job in jobs.items():
+        if over_budget():
+            out[name] = {"skipped": "over the time budget"}
+            continue
+        try:
+            ready(name)
+            stats = common.timed(job.call, iters=iters)
+        except Exception as e:  # one program failing keeps the others
+            out[name] = {"error": f"{type(e).__name__}: {e}"}
+            continue
+        row: dict[str, Any] = {
+            "latency_ms": stats["median_ms"],
+            "min_ms": stats["min_ms"],
+            "first_call_s": stats["first_s"],
+        }
+        if job.config is not None:
+            tflops = job.unet_evals * flops_per_eval / (stats["median_ms"] * 1e-3) / 1e12
+            row |= {
+                "steps": job.config.num_steps,
+                "unet_evals_per_image": job.unet_evals,
+                "images_per_s": b / (stats["median_ms"] * 1e-3),
+                "tflops": tflops,
+                "utilisation": tflops / peak_tflops if peak_tflops else None,
+            }
+        out[name] = row
+    encode, decode = out.get("text encode", {}), out.get("vae decode", {})
+    for row in out.values():
+        if "steps" in row and "latency_ms" in encode and "latency_ms" in decode:
+            encodes = 2 if row["unet_evals_per_image"] > row["steps"] else 1  # CFG: + uncond
+            row["end_to_end_ms"] = (
+                row["latency_ms"] + encodes * encode["latency_ms"] + decode["latency_ms"]
+            )
+            row["end_to_end_images_per_s"] = b / (row["end_to_end_ms"] * 1e-3)
+    teachers = {k: v for k, v in out.items() if k.startswith("teacher") and "steps" in v}
+    for name, row in out.items():
+        if not (name.startswith("student") and "steps" in row):
+            continue
+        for t_name, t_row in teachers.items():
+            key = t_name.removeprefix("teacher ").replace(" ", "_")
+            row[f"speedup_vs_{key}"] = t_row["latency_ms"] / row["latency_ms"]
+            row[f"ideal_vs_{key}"] = t_row["unet_evals_per_image"] / row["unet_evals_per_image"]
+            if "end_to_end_ms" in row and "end_to_end_ms" in t_row:
+                row[f"end_to_end_speedup_vs_{key}"] = t_row["end_to_end_ms"] / row["end_to_end_ms"]
+    return out
+
+
+def print_table(out: dict[str, dict[str, Any]], teacher_key: str) -> None:
+    """The markdown table of `measure`'s rows; speedups against the teacher `teacher_key`."""
+    rows = []
+    for name, row in out.items():
+        if "steps" in row:
+            util = row["utilisation"]
+            rows.append(
+                [
+                    name,
+                    row["unet_evals_per_image"],
+                    row["latency_ms"],
+                    row["images_per_s"],
+                    row.get("end_to_end_images_per_s", ""),
+                    row.get(f"speedup_vs_{teacher_key}", ""),
+                    row.get(f"ideal_vs_{teacher_key}", ""),
+                    row.get(f"end_to_end_speedup_vs_{teacher_key}", ""),
+                    f"{util:.1%}" if util is not None else "",
+                ]
+            )
+        elif "latency_ms" in row:
+            rows.append([name, "", row["latency_ms"], "", "", "", "", "", ""])
+        else:
+            rows.append([name, next(iter(row.values()))] + [""] * 7)
+    header = ["program", "UNet evals/img", "ms/batch", "img/s", "img/s e2e"]
+    header += [f"speedup vs {teacher_key}", "ideal", "e2e speedup", "utilisation"]
+    print(common.table(rows, header))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--student-steps", default="1,2,3")
+    parser.add_argument("--teacher-steps", default="25,50")
+    parser.add_argument("--guidance", type=float, default=4.0, help="testbed teacher's CFG")
+    parser.add_argument("--peak-n", type=int, default=1024, help="fp32 matmul side for the peak")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    from configs.shapes import teacher as teacher_config  # ml_collections: testbed only
+
+    config = teacher_config.get_config()
+    model = T2I.from_config(config)
+    params = jax.jit(model.init)(jax.random.PRNGKey(0))
+    vae = common.init_autoencoder(model, jax.random.PRNGKey(1))
+    x_T = jax.random.normal(
+        jax.random.PRNGKey(2), model.latent_shape(args.batch, config.data.image_size)
+    )
+    peak = common.matmul_peak(args.peak_n, iters=10, dtype=jnp.float32)
+    jobs = make_jobs(
+        model,
+        params,
+        vae,
+        x_T,
+        tuple(int(n) for n in args.student_steps.split(",")),
+        tuple(int(n) for n in args.teacher_steps.split(",")),
+        args.guidance,
+    )
+    flops = unet_flops(model, params["unet"], x_T)
+    out = measure(
+        jobs, batch=args.batch, iters=args.iters, flops_per_eval=flops, peak_tflops=peak["tflops"]
+    )
+    print(f"\nSampling, testbed UNet, batch {args.batch}, {common.platform_info()['devices']}")
+    print(f"fp32 matmul peak {peak['tflops'] * 1e3:.1f} GFLOP/s; UNet eval {flops / 1e9:.2f} GFLOP")
+    first_teacher = next(k for k in out if k.startswith("teacher")).removeprefix("teacher ")
+    print_table(out, first_teacher.replace(" ", "_"))
+    result = {
+        "args": vars(args),
+        "platform": common.platform_info(),
+        "peak": peak,
+        "unet_flops_per_eval_batch": flops,
+        "samplers": out,
+    }
+    print("wrote", common.write_json(result, "sampling.json", args.out))
+
+
+if __name__ == "__main__":
+    main()
