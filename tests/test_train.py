@@ -184,7 +184,10 @@ def test_sigterm_checkpoints_the_current_step_and_the_rerun_finishes(tmp_path):
             proc.send_signal(signal.SIGTERM)
             break
         time.sleep(0.02)
-    _, err = proc.communicate(timeout=120)
+    else:
+        proc.kill()
+        pytest.fail(f"no step logged before the run ended or 300 s passed: {proc.wait()}")
+    _, err = proc.communicate(timeout=300)
     assert proc.returncode == preemption.EXIT_CODE, err[-3000:]
     assert "SIGTERM: stopped after checkpointing step" in err
 
@@ -207,3 +210,12 @@ def test_sigterm_checkpoints_the_current_step_and_the_rerun_finishes(tmp_path):
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
     assert steps == list(range(1, total + 1))
     assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [stopped, total]
+    # The stopped-and-resumed run ends where an uninterrupted one does, bit for bit.
+    expected = loop.train(
+        tiny_config(total_steps=total, checkpoint_every=1000, sample_every=1000),
+        tmp_path / "reference_full",
+    )
+    manager = checkpoint.make_manager(tmp_path / "checkpoints", async_save=False)
+    restored, extra = checkpoint.restore_latest(manager, checkpoint.abstract_like(expected))
+    assert extra["step"] == total
+    assert_trees_identical(restored, expected)
