@@ -158,7 +158,10 @@ def main(out: Path) -> None:
     with config.unlocked():
         config.frozen_dtype = "bfloat16"
     placement = loop.place(config, mesh_of(config, (2, 2, 2), jax.devices()))
-    assert {leaf.dtype for leaf in jax.tree.leaves(placement.frozen)} == {jnp.bfloat16}
+    # Compared as np.dtype objects: `dtype('bfloat16') == jnp.bfloat16` holds, but the two hash
+    # differently, so a set of leaf dtypes is never equal to `{jnp.bfloat16}`.
+    frozen_dtypes = {leaf.dtype for leaf in jax.tree.leaves(placement.frozen)}
+    assert frozen_dtypes == {jnp.dtype(jnp.bfloat16)}, frozen_dtypes
     _, metrics, _ = run(config, mesh_of(config, (2, 2, 2), jax.devices()), batches[:1])
     rel = abs(metrics[0]["srl"] - expected_metrics[0]["srl"]) / expected_metrics[0]["srl"]
     assert rel < 0.05, (metrics[0], expected_metrics[0])
