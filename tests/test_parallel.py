@@ -136,6 +136,27 @@ def test_rules_name_the_bad_entry():
         parallel.rules_from_config((("batch",),), mesh)
 
 
+def test_conv_in_loses_batch_axes_only_with_tensor_parallelism():
+    """The XLA workaround: conv kernels keep input channels over fsdp unless tensor > 1."""
+    assert dict(parallel.rules_from_config(common.SHARDING_RULES, abstract_mesh(2, 4, 1)))[
+        "conv_in"
+    ] == ("fsdp",)
+    rules = parallel.rules_from_config(common.SHARDING_RULES, abstract_mesh(2, 2, 2))
+    assert "conv_in" not in dict(rules)
+    assert [r for r in rules] == [
+        r
+        for r in parallel.rules_from_config(common.SHARDING_RULES, abstract_mesh(2, 4, 1))
+        if r[0] != "conv_in"
+    ]
+    kernel = ("conv_h", "conv_w", "conv_in", "conv_out")
+    mesh = abstract_mesh(2, 2, 2)
+    assert parallel.logical_spec(kernel, (3, 3, 32, 64), mesh, rules) == P(
+        None, None, None, "tensor"
+    )
+    mixed = parallel.rules_from_config((("conv_in", ("fsdp", "tensor")),), mesh)
+    assert mixed == (("conv_in", ("tensor",)),)
+
+
 def test_single_device_placement_helpers():
     mesh = parallel.make_mesh(common.mesh(), jax.devices()[:1])
     sharding = parallel.batch_sharding(mesh)
