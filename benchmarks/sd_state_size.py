@@ -1,25 +1,51 @@
-"""Parameter counts of the configs/sd models and the training state they imply (no weights needed).
+"""Parameter counts of the configs/sd models and the training state they imply (no weights needed),
+and XLA's per-device memory analysis of the compiled SD1.5 Imagine Flash step on its default mesh.
 
   python -m benchmarks.sd_state_size [--out benchmarks/results/sd_state_size.json]
+  python -m benchmarks.sd_state_size --memory [--devices=8] [--variant ""]
+      [--memory_out benchmarks/results/sd15_step_memory.json]
 
 Counts come from abstract initialisation (`jax.eval_shape`) of the configs' model dicts. Bytes:
 the trained student UNet keeps float32 parameters, two Adam moments and an EMA copy (16 B/param);
 the frozen teacher UNet, text encoder(s) and VAE are held as loaded (float32, 4 B/param). The
 per-device column divides everything by 8 (fsdp=8: state and frozen models fully sharded).
 Activations and the discriminator heads come on top. Prints a markdown table and writes JSON.
+
+--memory: the fused training step of configs/sd/sd15_imagine_flash.py (state donated, frozen
+models and a cached-latent batch as inputs) is lowered and compiled ahead of time on `--devices`
+simulated CPU devices, from ShapeDtypeStructs that carry the shardings `loop.place` would give them
+on the config's mesh (the default: data=-1, i.e. 8-way data parallel). `memory_analysis()` of that
+executable is per device (one SPMD partition); XLA:CPU's buffer assignment stands in for the
+accelerator's, so the numbers are a guide, not a GPU/TPU measurement.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
+import time
 from pathlib import Path
+
+if "--memory" in sys.argv:  # the device count is fixed when jax initialises its backend
+    devices = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--devices=")), "8")
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}"
+    )
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax
 import numpy as np
 
 from configs.sd import sd15_imagine_flash, sd21_imagine_flash, sdxl_imagine_flash
+from flash_jax import methods, parallel
+from flash_jax.data import cache
 from flash_jax.models import autoencoder, text, unet
+from flash_jax.pipeline import T2I
+from flash_jax.train import loop
+from flash_jax.train import state as state_lib
+from flash_jax.train import step as step_lib
 
 CONFIGS = {"sd15": sd15_imagine_flash, "sd21": sd21_imagine_flash, "sdxl": sdxl_imagine_flash}
 
@@ -44,10 +70,149 @@ def parameter_counts(config) -> dict[str, int]:
     return out
 
 
+MEMORY_FIELDS = (
+    "argument_size_in_bytes",
+    "output_size_in_bytes",
+    "alias_size_in_bytes",
+    "temp_size_in_bytes",
+    "generated_code_size_in_bytes",
+)
+
+
+def abstract_step_inputs(config, mesh: jax.sharding.Mesh):
+    """(jitted step, abstract state, abstract frozen, abstract batch) of `config`'s Imagine Flash
+    run on `mesh`, every input a ShapeDtypeStruct with the sharding `loop.place` gives it.
+
+    Mirrors `loop.place` without reading weights: the frozen teacher `{"unet", "text"}` and VAE
+    are `eval_shape`d fresh inits (cast to `config.frozen_dtype`), and the student's params are the
+    teacher UNet's (Imagine Flash's `init`). The batch is one global batch of the latent cache
+    (`cache.feature_shapes`, float16 as the cache job writes by default).
+    """
+    rules = parallel.rules_from_config(config.sharding_rules, mesh)
+    method = methods.get(config.method)(config)
+    model = T2I.from_config(config)
+    key = jax.random.PRNGKey(0)
+    teacher = jax.eval_shape(model.init, key)
+    vae = jax.eval_shape(lambda k: autoencoder.init_params(model.autoencoder, k), key)
+    frozen = jax.eval_shape(
+        lambda t: parallel.cast_floats(t, config.frozen_dtype), {"teacher": teacher, "vae": vae}
+    )
+    params = {"unet": teacher["unet"]}
+    tx = loop.make_optimizer(config.optimizer)
+    disc_tx = loop.make_optimizer(config.disc_optimizer)
+    disc = jax.eval_shape(method.init_discriminator, key)
+    state = jax.eval_shape(
+        lambda p, r, d: state_lib.init_state(p, tx, r, d, disc_tx), params, key, disc
+    )
+
+    def shardings(tree):
+        return parallel.tree_shardings(
+            tree, mesh, rules, method.logical_axes(), config.fsdp_min_size
+        )
+
+    state_sharding, frozen_sharding = shardings(state), shardings(frozen)
+    batch_sharding = parallel.batch_sharding(mesh)
+    shapes = cache.feature_shapes(model, config.data.image_size, text=True)
+    batch = {
+        k: jax.ShapeDtypeStruct(
+            (config.batch_size, *shape),
+            np.int32 if k == "tokens" else np.float16,
+            sharding=batch_sharding,
+        )
+        for k, shape in shapes.items()
+    }
+    train_step = step_lib.make_train_step(method, tx, ema_decay=config.ema_decay, disc_tx=disc_tx)
+    step = step_lib.compile_train_step(
+        parallel.with_rules(train_step, mesh, rules),
+        state_sharding,
+        frozen_sharding,
+        batch_sharding,
+    )
+    return (
+        step,
+        parallel.with_shardings(state, state_sharding),
+        parallel.with_shardings(frozen, frozen_sharding),
+        batch,
+    )
+
+
+def tree_bytes_per_device(tree) -> int:
+    """Bytes of one device's shards of a tree of sharded ShapeDtypeStructs."""
+    total = 0
+    for x in jax.tree.leaves(tree):
+        shard = x.sharding.shard_shape(x.shape)
+        total += int(np.prod(shard)) * np.dtype(x.dtype).itemsize
+    return total
+
+
+def memory(variant: str, out: Path) -> None:
+    """AOT lower + compile the SD1.5 step on the config's mesh; print and write the analysis."""
+    config = sd15_imagine_flash.get_config(variant)
+    mesh = parallel.make_mesh(config.mesh)
+    sizes = dict(mesh.shape)
+    step, state, frozen, batch = abstract_step_inputs(config, mesh)
+    start = time.perf_counter()
+    lowered = step.lower(state, frozen, batch)
+    lower_s = time.perf_counter() - start
+    compiled = lowered.compile()
+    compile_s = time.perf_counter() - start - lower_s
+    analysis = compiled.memory_analysis()
+    row = {f: int(getattr(analysis, f)) for f in MEMORY_FIELDS}
+    # Live at the peak, per device: inputs + outputs not aliased to a donated input + temporaries.
+    row["peak_estimate_bytes"] = (
+        row["argument_size_in_bytes"]
+        + row["output_size_in_bytes"]
+        - row["alias_size_in_bytes"]
+        + row["temp_size_in_bytes"]
+    )
+    inputs = {
+        "state": tree_bytes_per_device(state),
+        "frozen": tree_bytes_per_device(frozen),
+        "batch": tree_bytes_per_device(batch),
+    }
+    print(
+        f"SD1.5 Imagine Flash step, variant {variant or 'default'}: mesh {sizes} on "
+        f"{jax.device_count()} {jax.devices()[0].platform} devices, global batch "
+        f"{config.batch_size}, {config.data.image_size} px, student steps "
+        f"{tuple(config.imagine_flash.student_steps)}, teacher steps "
+        f"{config.imagine_flash.teacher_steps}, model dtype {config.model.dtype}, frozen "
+        f"{config.frozen_dtype}, remat {config.model.remat}; lower {lower_s:.0f} s, compile "
+        f"{compile_s:.0f} s"
+    )
+    print("| memory_analysis field (per device) | GiB |")
+    print("|---|---|")
+    for name, value in row.items():
+        print(f"| {name} | {value / 2**30:.2f} |")
+    for name, value in inputs.items():
+        print(f"| input {name} (sharded shapes) | {value / 2**30:.2f} |")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    record = {
+        "config": "configs/sd/sd15_imagine_flash.py",
+        "variant": variant,
+        "mesh": sizes,
+        "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind} (simulated)",
+        "jax": jax.__version__,
+        "global_batch": config.batch_size,
+        "image_size": config.data.image_size,
+        "lower_s": lower_s,
+        "compile_s": compile_s,
+        "per_device_bytes": row,
+        "per_device_input_bytes": inputs,
+    }
+    out.write_text(json.dumps(record, indent=2) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="benchmarks/results/sd_state_size.json")
+    parser.add_argument("--memory", action="store_true", help="compile the SD1.5 step instead")
+    parser.add_argument("--devices", default="8", help="simulated CPU devices (--memory)")
+    parser.add_argument("--variant", default="", help="sd15 config variant (--memory)")
+    parser.add_argument("--memory_out", default="benchmarks/results/sd15_step_memory.json")
     args = parser.parse_args()
+    if args.memory:
+        memory(args.variant, Path(args.memory_out))
+        return
     rows = {}
     print("| config | UNet | text encoder(s) | VAE | trained state | frozen models | total "
           "| per device, fsdp=8 |")  # fmt: skip

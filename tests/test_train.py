@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from configs.shapes import autoencoder as ae_config
-from flash_jax.train import checkpoint, loop, tensorboard
+from flash_jax.train import checkpoint, loop, preemption, tensorboard
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -162,3 +162,60 @@ def test_sigkill_then_restart_is_bit_identical(uninterrupted, tmp_path):
     assert_trees_identical(restored, expected)
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]  # lines logged after the last checkpoint were dropped
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_the_current_step_and_the_rerun_finishes(tmp_path):
+    """SIGTERM once step 1 is logged: the run checkpoints the step it reaches next, exits with
+    preemption.EXIT_CODE; that checkpoint equals an uninterrupted run of as many steps, and the
+    rerun resumes from it and finishes."""
+    total = 100  # far more steps than can pass between the signal and the next step boundary
+    flags = [
+        "--config=configs/shapes/autoencoder.py:tiny",
+        f"--config.total_steps={total}",
+        "--config.checkpoint_every=1000",  # only SIGTERM and the end checkpoint
+        "--config.sample_every=1000",
+    ]
+    proc = _main(tmp_path, *flags, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and metrics.read_text().strip():
+            proc.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.02)
+    else:
+        proc.kill()
+        pytest.fail(f"no step logged before the run ended or 300 s passed: {proc.wait()}")
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == preemption.EXIT_CODE, err[-3000:]
+    assert "SIGTERM: stopped after checkpointing step" in err
+
+    stopped = len(metrics.read_text().splitlines())
+    assert 1 <= stopped < total
+    assert [int(p.name) for p in (tmp_path / "checkpoints").iterdir()] == [stopped]
+    expected = loop.train(
+        tiny_config(total_steps=stopped, checkpoint_every=1000, sample_every=1000),
+        tmp_path / "reference",
+    )
+    manager = checkpoint.make_manager(tmp_path / "checkpoints", async_save=False)
+    restored, extra = checkpoint.restore_latest(manager, checkpoint.abstract_like(expected))
+    assert extra["step"] == stopped
+    assert_trees_identical(restored, expected)
+
+    rerun = _main(tmp_path, *flags, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _, err = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, err[-3000:]
+    assert f"resumed from step {stopped}" in err
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps == list(range(1, total + 1))
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [stopped, total]
+    # The stopped-and-resumed run ends where an uninterrupted one does, bit for bit.
+    expected = loop.train(
+        tiny_config(total_steps=total, checkpoint_every=1000, sample_every=1000),
+        tmp_path / "reference_full",
+    )
+    manager = checkpoint.make_manager(tmp_path / "checkpoints", async_save=False)
+    restored, extra = checkpoint.restore_latest(manager, checkpoint.abstract_like(expected))
+    assert extra["step"] == total
+    assert_trees_identical(restored, expected)

@@ -71,6 +71,7 @@ def optimizer(learning_rate: float = 3e-4, warmup_steps: int = 200) -> ml_collec
             grad_clip=1.0,  # global-norm clipping
             b1=0.9,  # Adam β1
             b2=0.999,  # Adam β2
+            eps=1e-8,  # Adam ε (added to √v̂)
             weight_decay=0.0,  # decoupled weight decay
         )
     )

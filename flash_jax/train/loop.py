@@ -47,7 +47,13 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
     schedule = optax.linear_schedule(0.0, config.learning_rate, max(config.warmup_steps, 1))
     return optax.chain(
         optax.clip_by_global_norm(config.grad_clip),
-        optax.adamw(schedule, b1=config.b1, b2=config.b2, weight_decay=config.weight_decay),
+        optax.adamw(
+            schedule,
+            b1=config.b1,
+            b2=config.b2,
+            eps=config.eps,
+            weight_decay=config.weight_decay,
+        ),
     )
 
 
