@@ -23,6 +23,7 @@ import ml_collections
 import numpy as np
 
 from flash_jax import diffusion
+from flash_jax.methods import denoising
 from flash_jax.pipeline import T2I
 
 TIMESTEPS = (50, 200, 400, 600, 800, 950)
@@ -45,10 +46,9 @@ def losses_by_prompt(
         alpha, sigma = (a.reshape(-1, 1, 1, 1) for a in model.schedule.alpha_sigma(t))
         x_t = diffusion.add_noise(latents, noise, alpha, sigma)
         out = model.apply_unet(params["unet"], x_t, t.astype(jnp.float32), context)
-        kind = model.schedule.prediction_type
-        target = {"epsilon": noise, "sample": latents}.get(kind)
-        if target is None:
-            target = diffusion.v_target(latents, noise, alpha, sigma)
+        target = denoising.diffusion_target(
+            latents, noise, alpha, sigma, model.schedule.prediction_type
+        )
         return jnp.mean((out - target) ** 2)
 
     rows = {}
