@@ -1,0 +1,225 @@
+"""The testbed teacher's judge alignment against training steps, trained on one accelerator.
+
+  python -m benchmarks.teacher_curve --seconds 480                 # H100/H200: the curve to ~10^5 steps
+  python -m benchmarks.teacher_curve --seconds 150 --eval-steps 20,40 --num-images 50 \
+      --pool 512 --workers 2                                      # CPU smoke test
+
+Trains `configs/shapes/teacher.py` (plus `--set key=value` overrides) on the shipped stage-1
+autoencoder (assets/shapes/autoencoder.msgpack) with the generic compiled step (`loop.place`), and
+at each of `--eval-steps` (and where `--seconds` of wall time run out) samples `--num-images` eval prompts with the teacher's 25-step CFG
+sampler from its EMA params and scores them with the shipped judge (`evaluate.score`: alignment
+per category, FD-judge, colour statistics; the "real" row is the ceiling). At the end it scores
+the last EMA params at every `--guidance` scale.
+
+Needs jax, flax, optax, orbax, numpy, pillow and ml_collections (carry its wheel to the GPU
+machines), not Grain or TFDS: the train split's first `--pool` records are rendered once in
+`--workers` processes and batches are gathered on the device from a fixed-seed reshuffle per epoch
+(the same records and epoch structure as the Grain pipeline, not its exact order).
+
+Writes teacher_curve.json after every evaluation, the EMA params at `--save-steps` (and the last)
+as `teacher_step{N}.msgpack` (loadable wherever a teacher workdir is: `--config.teacher_workdir=`),
+and a grid of real images vs the last teacher's samples, into $OUT if set, else --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import functools
+import multiprocessing
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks import common
+from flash_jax import parallel, sampling
+from flash_jax.data import shapes
+from flash_jax.eval import evaluate, judge
+from flash_jax.pipeline import T2I
+from flash_jax.train import loop
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets" / "shapes"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", default="configs/shapes/teacher.py", help="path[:variant]")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override")
+    p.add_argument("--seconds", type=float, default=480.0, help="wall budget of the training")
+    p.add_argument(
+        "--eval-steps",
+        default="1000,2000,3000,5000,7500,10000,15000,20000,30000,40000,50000,60000,80000,100000",
+    )
+    p.add_argument("--save-steps", default="3000,10000,30000", help="export the EMA params here")
+    p.add_argument("--guidance", default="2,4,7.5", help="CFG scales scored at the end")
+    p.add_argument("--num-images", type=int, default=500, help="eval prompts per evaluation")
+    p.add_argument("--pool", type=int, default=50_000, help="train records rendered")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--out", default=str(common.RESULTS / "teacher_curve"))
+    return p.parse_args(argv)
+
+
+def _literal(text: str) -> Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def _render(index: int, seed: int, image_size: int) -> tuple[np.ndarray, str]:
+    example = shapes.make_example(seed, "train", index, image_size)
+    return example["image"], example["caption"]
+
+
+def render_pool(n: int, seed: int, image_size: int, workers: int) -> tuple[np.ndarray, list[str]]:
+    """Images `(n, H, W, 3)` uint8 and captions of train records 0..n−1."""
+    fn = functools.partial(_render, seed=seed, image_size=image_size)
+    if workers > 1:
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            records = pool.map(fn, range(n), chunksize=256)
+    else:
+        records = [fn(i) for i in range(n)]
+    return np.stack([r[0] for r in records]), [r[1] for r in records]
+
+
+def epoch_indices(n: int, batch_size: int, seed: int):
+    """Batches of record indices: a fresh permutation of 0..n−1 per epoch, remainder dropped."""
+    rng = np.random.default_rng(seed)
+    while True:
+        perm = rng.permutation(n)
+        for start in range(0, n - batch_size + 1, batch_size):
+            yield perm[start : start + batch_size]
+
+
+def make_scorer(model: T2I, vae: Any, num_images: int, image_size: int):
+    """`(params, sampler) -> (metrics row, images)` on the first `num_images` eval prompts, and
+    the real images with their row (the ceiling) and captions."""
+    judge_params, judge_config = evaluate.load_judge(ASSETS / "judge.msgpack")
+    real, labels = judge.real_examples("eval", num_images, 0, image_size)
+    captions = [str(c) for c in labels["caption"]]
+    tokens = model.tokenizer()(captions)
+    empty = model.tokenizer()([""])[0]
+    real_features = judge.predict(judge_params, real, judge_config)["features"]
+    real_row = evaluate.score(real, labels, judge_params, judge_config, real_features)
+    latent_shape = model.latent_shape(1, image_size)[1:]
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def run(sampler, params, tok, x_T, rng):
+        uncond = jnp.broadcast_to(empty, tok.shape)
+        return model.generate(params, vae, tok, uncond, x_T, sampler, rng)
+
+    def score(params, sampler: sampling.SamplerConfig):
+        fn = functools.partial(run, sampler, params)
+        images = evaluate.generate_batched(fn, tokens, latent_shape, seed=0, batch_size=250)
+        return evaluate.score(images, labels, judge_params, judge_config, real_features), images
+
+    return score, (real, real_row, captions)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    out = Path(os.environ.get("OUT") or args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+
+    config = evaluate.load_config_file(args.config)
+    for item in args.set:
+        key, _, value = item.partition("=")
+        evaluate.set_dotted(config, key, _literal(value))
+    evaluate.set_dotted(config, "autoencoder_workdir", str(ASSETS / "autoencoder.msgpack"))
+    image_size, batch_size = config.data.image_size, config.batch_size
+
+    images, captions = render_pool(args.pool, config.data.seed, image_size, args.workers)
+    t_pool = time.perf_counter() - t0
+    model = T2I.from_config(config)
+    tokens = model.tokenizer()(captions)
+
+    placement = loop.place(config, parallel.make_mesh(config.mesh))
+    state = placement.init_state()
+    pool = jax.device_put({"image": images, "tokens": tokens})
+    gather = jax.jit(
+        lambda pool, idx: jax.tree.map(lambda a: a[idx], pool),
+        out_shardings=placement.batch_sharding,
+    )
+    score, (real, real_row, eval_captions) = make_scorer(
+        model, placement.frozen["vae"], args.num_images, image_size
+    )
+    sampler = sampling.SamplerConfig(**config.sample.to_dict())
+
+    eval_steps = sorted(int(s) for s in args.eval_steps.split(","))
+    save_steps = {int(s) for s in args.save_steps.split(",") if s}
+    result: dict[str, Any] = {
+        **common.platform_info(),
+        "config": args.config,
+        "overrides": args.set,
+        "batch_size": batch_size,
+        "pool": args.pool,
+        "num_images": args.num_images,
+        "sampler": dataclasses.asdict(sampler),
+        "pool_seconds": t_pool,
+        "real": real_row,
+        "curve": [],
+    }
+    print(f"rendered {args.pool} records in {t_pool:.1f}s; real: {_brief(real_row)}", flush=True)
+
+    def export(step: int, params: Any) -> None:
+        blob = flax.serialization.msgpack_serialize(jax.tree.map(np.asarray, params))
+        (out / f"teacher_step{step}.msgpack").write_bytes(blob)
+
+    batches = epoch_indices(args.pool, batch_size, config.data.shuffle_seed)
+    step, t_train, images_last = 0, 0.0, None
+    deadline = t0 + args.seconds
+    for target in eval_steps:
+        t1 = time.perf_counter()
+        while step < target and (step % 100 or time.perf_counter() < deadline):
+            state, metrics = placement.step(state, placement.frozen, gather(pool, next(batches)))
+            step += 1
+        loss = float(metrics["loss"])  # also waits for the last step
+        t_train += time.perf_counter() - t1
+        ema = jax.device_get(state.ema_params)
+        row, images_last = score(ema, sampler)
+        result["curve"].append(
+            {"step": step, "train_seconds": t_train, "loss": loss, "wall": _wall(t0), **row}
+        )
+        common.write_json(result, "teacher_curve.json", str(out / "teacher_curve.json"))
+        print(f"step {step:6d} {t_train:7.1f}s loss {loss:.4f}  {_brief(row)}", flush=True)
+        if step in save_steps:
+            export(step, ema)
+        if time.perf_counter() > deadline:
+            break
+    if step not in save_steps:
+        export(step, ema)
+
+    result["guidance"] = {}
+    for scale in (float(s) for s in args.guidance.split(",")):
+        row, _ = score(ema, dataclasses.replace(sampler, guidance_scale=scale))
+        result["guidance"][str(scale)] = row
+        print(f"guidance {scale:4}: {_brief(row)}", flush=True)
+    result["steps_per_second"] = step / t_train
+    result["wall_seconds"] = _wall(t0)
+    common.write_json(result, "teacher_curve.json", str(out / "teacher_curve.json"))
+    grid = evaluate.sample_grid({"real": real, f"teacher {step}": images_last}, eval_captions, 12)
+    grid.save(out / "teacher_curve_grid.png")
+
+
+CATEGORIES = shapes.CATEGORIES
+
+
+def _brief(row: dict[str, Any]) -> str:
+    acc = " ".join(f"{c[:5]} {row[c]:.3f}" for c in CATEGORIES if c in row)
+    return f"{acc}  fd {row['fd_judge']:.2f}"
+
+
+def _wall(t0: float) -> float:
+    return round(time.perf_counter() - t0, 1)
+
+
+if __name__ == "__main__":
+    main()
