@@ -1,20 +1,24 @@
 """The testbed teacher's judge alignment against training steps, trained on one accelerator.
 
-  python -m benchmarks.teacher_curve --seconds 480                 # H100/H200: the curve to ~10^5 steps
-  python -m benchmarks.teacher_curve --seconds 150 --eval-steps 20,40 --num-images 50 \
-      --pool 512 --workers 2                                      # CPU smoke test
+  python -m benchmarks.teacher_curve --config configs/shapes/teacher.py:gpu --seconds 1e9 \
+      --eval-steps 1000,2000,3000,5000,7500,10000,12200   # H100: the shipped teacher, ~8 min
+  python -m benchmarks.teacher_curve --seconds 100 --eval-steps 20,40 --num-images 50 \
+      --pool 512 --workers 2                               # CPU smoke test, ~2 min
 
-Trains `configs/shapes/teacher.py` (plus `--set key=value` overrides) on the shipped stage-1
-autoencoder (assets/shapes/autoencoder.msgpack) with the generic compiled step (`loop.place`), and
-at each of `--eval-steps` (and where `--seconds` of wall time run out) samples `--num-images` eval prompts with the teacher's 25-step CFG
-sampler from its EMA params and scores them with the shipped judge (`evaluate.score`: alignment
-per category, FD-judge, colour statistics; the "real" row is the ceiling). At the end it scores
-the last EMA params at every `--guidance` scale.
+On the lent GPU machines (no ml_collections there): carry its wheel, install it with
+`pip install --no-index --target /tmp/site .whl/*.whl` and add /tmp/site to PYTHONPATH.
 
-Needs jax, flax, optax, orbax, numpy, pillow and ml_collections (carry its wheel to the GPU
-machines), not Grain or TFDS: the train split's first `--pool` records are rendered once in
-`--workers` processes and batches are gathered on the device from a fixed-seed reshuffle per epoch
-(the same records and epoch structure as the Grain pipeline, not its exact order).
+Trains `configs/shapes/teacher.py[:variant]` (plus `--set key=value` overrides) on a frozen
+stage-1 autoencoder (`--autoencoder`, default the shipped assets/shapes/autoencoder.msgpack) with
+the generic compiled step (`loop.place`). At each of `--eval-steps`, and when `--seconds` of wall
+time run out, it samples `--num-images` eval prompts with the teacher's 25-step CFG sampler from
+its EMA params and scores them with the shipped judge (`evaluate.score`: alignment per category,
+FD-judge, colour statistics; the "real" row is the ceiling). At the end it scores the last EMA
+params at every `--guidance` scale. `--init` starts from exported params (fresh optimizer).
+
+No Grain or TFDS: the train split's first `--pool` records are rendered once in `--workers`
+processes and batches are gathered on the device from a fixed-seed reshuffle per epoch (the same
+records and epoch structure as the Grain pipeline, not its exact order).
 
 Writes teacher_curve.json after every evaluation, the EMA params at `--save-steps` (and the last)
 as `teacher_step{N}.msgpack` (loadable wherever a teacher workdir is: `--config.teacher_workdir=`),
@@ -43,7 +47,7 @@ from flash_jax import parallel, sampling
 from flash_jax.data import shapes
 from flash_jax.eval import evaluate, judge
 from flash_jax.pipeline import T2I
-from flash_jax.train import loop
+from flash_jax.train import checkpoint, loop
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "shapes"
 
@@ -62,6 +66,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-images", type=int, default=500, help="eval prompts per evaluation")
     p.add_argument("--pool", type=int, default=50_000, help="train records rendered")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument(
+        "--autoencoder", default=str(ASSETS / "autoencoder.msgpack"), help="frozen VAE (.msgpack)"
+    )
+    p.add_argument("--init", default="", help="start from these params (.msgpack), fresh optimizer")
     p.add_argument("--out", default=str(common.RESULTS / "teacher_curve"))
     return p.parse_args(argv)
 
@@ -133,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     for item in args.set:
         key, _, value = item.partition("=")
         evaluate.set_dotted(config, key, _literal(value))
-    evaluate.set_dotted(config, "autoencoder_workdir", str(ASSETS / "autoencoder.msgpack"))
+    evaluate.set_dotted(config, "autoencoder_workdir", args.autoencoder)
     image_size, batch_size = config.data.image_size, config.batch_size
 
     images, captions = render_pool(args.pool, config.data.seed, image_size, args.workers)
@@ -143,6 +151,14 @@ def main(argv: list[str] | None = None) -> None:
 
     placement = loop.place(config, parallel.make_mesh(config.mesh))
     state = placement.init_state()
+    if args.init:
+        loaded = checkpoint.load_params(args.init)
+
+        def put():  # two separate buffers: the step donates both trees
+            target = placement.abstract_state.params
+            return jax.tree.map(lambda a, s: jax.device_put(a, s.sharding), loaded, target)
+
+        state = state.replace(params=put(), ema_params=put())
     pool = jax.device_put({"image": images, "tokens": tokens})
     gather = jax.jit(
         lambda pool, idx: jax.tree.map(lambda a: a[idx], pool),
@@ -158,6 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     result: dict[str, Any] = {
         **common.platform_info(),
         "config": args.config,
+        "init": args.init,
         "overrides": args.set,
         "batch_size": batch_size,
         "pool": args.pool,
@@ -174,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
         (out / f"teacher_step{step}.msgpack").write_bytes(blob)
 
     batches = epoch_indices(args.pool, batch_size, config.data.shuffle_seed)
-    step, t_train, images_last = 0, 0.0, None
+    step, t_train, images_last, metrics = 0, 0.0, None, {"loss": float("nan")}
     deadline = t0 + args.seconds
     for target in eval_steps:
         t1 = time.perf_counter()
