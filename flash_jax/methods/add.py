@@ -32,7 +32,6 @@ import jax.numpy as jnp
 
 from flash_jax import diffusion, pipeline, sampling
 from flash_jax.methods import Method, common
-from flash_jax.models import discriminator as disc_lib
 from flash_jax.pipeline import T2I
 
 if TYPE_CHECKING:  # ml_collections is only a type here: GPU boxes without it can import this
@@ -140,34 +139,26 @@ def make(config: ml_collections.ConfigDict) -> Method:
         loss = addc.distill_weight * distill
         aux = {"distill": distill}
         if adversarial:
-            logits = discriminator.logits(
+            adv, adv_aux = discriminator.generator_loss(
                 disc_params, teacher_unet, x0_student, context, pooled, k_adv
             )
-            adv = disc_lib.hinge_generator_loss(logits)
             loss = loss + addc.adv_weight * adv
-            aux |= {"adv": adv, "fake": x0_student}
+            aux |= adv_aux
         return loss, aux
 
-    def init_discriminator(rng: Array) -> Any:
-        return discriminator.init(rng, config.data.image_size, empty_tokens)
-
-    def discriminator_loss(disc_params, fake, frozen, batch, rng):
-        k_real, k_fake, k_lat = jax.random.split(rng, 3)
-        context, pooled, _ = conditioning(frozen, batch)
-        real = model.batch_latents(frozen["vae"], batch, k_lat)
-        teacher_unet = frozen["teacher"]["unet"]
-        return discriminator.loss(
-            disc_params, teacher_unet, real, fake, context, pooled, k_real, k_fake
-        )
-
+    init_discriminator, discriminator_loss = (
+        common.discriminator_fns(model, discriminator, config.data.image_size, empty_tokens)
+        if adversarial
+        else (None, None)
+    )
     generate = common.student_generate(model, sampler, empty_tokens)
     return Method(
         init=init,
         load_frozen=load_frozen,
         generator_loss=generator_loss,
         prepare_batch=functools.partial(pipeline.prepare_batch, tokenizer=tokenizer, model=model),
-        init_discriminator=init_discriminator if adversarial else None,
-        discriminator_loss=discriminator_loss if adversarial else None,
+        init_discriminator=init_discriminator,
+        discriminator_loss=discriminator_loss,
         sample=common.grid_sample(model, generate, sampler.num_steps),
         generate=generate,
         logical_axes=model.logical_axes,

@@ -5,8 +5,8 @@
 - `alpha_sigma`, `predict_x0`: a network's clean estimate at integer timesteps;
   `guided_teacher_output`: the teacher's CFG output with a per-sample scale.
 - `LatentDiscriminator`: the LADD-style discriminator over the frozen teacher UNet's features
-  (METHOD.md §4), shared by Imagine Flash and ADD: logits, abstract initialisation, hinge loss
-  with an optional R1 penalty.
+  (METHOD.md §4), shared by Imagine Flash and ADD: logits, abstract initialisation, hinge losses
+  with an optional R1 penalty; `discriminator_fns`, the Method entries built on it.
 - Guidance-conditioned students (LCM, guided step distillation): `with_guidance_input` (the UNet
   also reads the guidance weight w through diffusers' `timestep_cond`), `student_from_teacher`
   (the teacher's weights, the new guidance projection at zero) and `guided_apply`.
@@ -156,6 +156,21 @@ class LatentDiscriminator:
         )
         return self.heads.init(rng, features, jnp.zeros((1,)), pooled)["params"]
 
+    def generator_loss(
+        self,
+        disc_params: Any,
+        teacher_unet: Any,
+        x0: Array,
+        context: Array,
+        pooled: Array,
+        rng: Array,
+    ) -> tuple[Array, dict[str, Array]]:
+        """The generator's hinge term on its clean estimates `x0` `(B, h, w, c)`, and the aux
+        entries the trainer's discriminator update reads (`fake`: `x0`)."""
+        logits = self.logits(disc_params, teacher_unet, x0, context, pooled, rng)
+        adv = disc_lib.hinge_generator_loss(logits)
+        return adv, {"adv": adv, "fake": x0}
+
     def loss(
         self,
         disc_params: Any,
@@ -182,6 +197,28 @@ class LatentDiscriminator:
             loss = loss + self.r1_weight * r1
             aux["r1"] = r1
         return loss, aux
+
+
+def discriminator_fns(
+    model: T2I, discriminator: LatentDiscriminator, image_size: int, empty_tokens: Array
+) -> tuple[Callable[[Array], Any], Callable[..., tuple[Array, dict[str, Array]]]]:
+    """`(Method.init_discriminator, Method.discriminator_loss)` of a student distilled from a
+    frozen `{"teacher": {"unet", "text"}, "vae"}`: real = the batch's latents, fake = the
+    generator's `fake` aux, both seen through the teacher's features."""
+
+    def init_discriminator(rng: Array) -> Any:
+        return discriminator.init(rng, image_size, empty_tokens)
+
+    def discriminator_loss(disc_params, fake, frozen, batch, rng):
+        k_real, k_fake, k_lat = jax.random.split(rng, 3)
+        context, pooled, _ = conditioning(model, frozen["teacher"]["text"], batch, empty_tokens)
+        real = model.batch_latents(frozen["vae"], batch, k_lat)
+        teacher_unet = frozen["teacher"]["unet"]
+        return discriminator.loss(
+            disc_params, teacher_unet, real, fake, context, pooled, k_real, k_fake
+        )
+
+    return init_discriminator, discriminator_loss
 
 
 # ------------------------------------------------------------------ guidance-conditioned students
