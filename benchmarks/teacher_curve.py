@@ -28,7 +28,6 @@ and a grid of real images vs the last teacher's samples, into $OUT if set, else 
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
 import functools
 import multiprocessing
@@ -72,13 +71,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--init", default="", help="start from these params (.msgpack), fresh optimizer")
     p.add_argument("--out", default=str(common.RESULTS / "teacher_curve"))
     return p.parse_args(argv)
-
-
-def _literal(text: str) -> Any:
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
 
 
 def _render(index: int, seed: int, image_size: int) -> tuple[np.ndarray, str]:
@@ -138,9 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
 
     config = evaluate.load_config_file(args.config)
-    for item in args.set:
-        key, _, value = item.partition("=")
-        evaluate.set_dotted(config, key, _literal(value))
+    evaluate.apply_overrides(config, args.set)
     evaluate.set_dotted(config, "autoencoder_workdir", args.autoencoder)
     image_size, batch_size = config.data.image_size, config.batch_size
 

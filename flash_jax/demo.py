@@ -1,18 +1,20 @@
 """`make demo`: distil the Shapes testbed teacher into a 3-step student and compare them.
 
-  python -m flash_jax.demo --workdir runs/demo [--distill_steps N] [--num_images N]
+  python -m flash_jax.demo --workdir runs/demo [--distill_steps N] [--num_images N] \
+      [--set imagine_flash.teacher_steps=4 ...]
 
 1. Takes the trained testbed autoencoder, teacher and judge shipped in assets/shapes/ (or, where
    one is missing, trains it first with the project's own config: slower).
 2. Distils a 3-step student with Imagine Flash (configs/shapes/imagine_flash.py), showing progress
    and writing sample grids to WORKDIR/imagine_flash/samples/.
-3. Evaluates the teacher (25-step CFG and 3-step CFG) and the student (1/2/3 steps, with and without
+3. Evaluates the teacher (25-step CFG and 3-step CFG) and the student (1/2/3 steps; 3 also without
    noise correction) on the same prompts and noise: prints the table, writes WORKDIR/report/
    (results.md, results.json, samples.png).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from absl import app, flags
@@ -30,8 +32,11 @@ from flash_jax.train import checkpoint, loop
 ASSETS = Path(__file__).resolve().parents[1] / "assets" / "shapes"
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "where the demo writes everything")
-_DISTILL_STEPS = flags.DEFINE_integer("distill_steps", 600, "Imagine Flash updates")
+_DISTILL_STEPS = flags.DEFINE_integer("distill_steps", 1200, "Imagine Flash updates")
 _NUM_IMAGES = flags.DEFINE_integer("num_images", 300, "evaluation prompts (images per entry)")
+_SET = flags.DEFINE_multi_string(
+    "set", [], "override of the distillation config, KEY=VALUE (e.g. imagine_flash.adv_weight=0)"
+)
 
 
 def stage(name: str, config, workdir: Path, assets: Path | None) -> str:
@@ -53,19 +58,22 @@ def run_demo(
     num_images: int,
     variant: str = "",
     assets: Path | None = ASSETS,
+    overrides: Sequence[str] = (),
 ) -> dict[str, dict[str, float]]:
     """Distil, evaluate, write the report; returns the metrics rows. `variant="tiny"` runs the whole
-    pipeline on tiny models (tests)."""
+    pipeline on tiny models (tests); `overrides` (`KEY=VALUE`) change the distillation config."""
     workdir = Path(workdir)
+    config = if_config.get_config(",".join(filter(None, ["3", variant])))
+    with config.unlocked():
+        config.total_steps = distill_steps
+        config.checkpoint_every = config.sample_every = max(distill_steps // 3, 1)
+    evaluate.apply_overrides(config, overrides)  # a bad key fails before anything trains
+
     vae = stage("autoencoder", ae_config.get_config(variant), workdir, assets)
     teacher = stage("teacher", teacher_config.get_config(variant), workdir, assets)
     judge_dir = stage("judge", judge_config.get_config(variant), workdir, assets)
-
-    config = if_config.get_config(",".join(filter(None, ["3", variant])))
     with config.unlocked():
         config.teacher_workdir, config.autoencoder_workdir = teacher, vae
-        config.total_steps = distill_steps
-        config.checkpoint_every = config.sample_every = max(distill_steps // 3, 1)
     print(f"[demo] distilling a 3-step student for {config.total_steps} steps")
     state = loop.train(config, workdir / "imagine_flash")
 
@@ -101,7 +109,7 @@ def run_demo(
 def main(argv: list[str]) -> None:
     del argv
     absl_logging.set_verbosity(absl_logging.WARNING)
-    run_demo(_WORKDIR.value, _DISTILL_STEPS.value, _NUM_IMAGES.value)
+    run_demo(_WORKDIR.value, _DISTILL_STEPS.value, _NUM_IMAGES.value, overrides=_SET.value)
 
 
 if __name__ == "__main__":

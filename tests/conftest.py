@@ -2,11 +2,17 @@
 `tiny_assets` fixture (random-weight tiny models saved as parameter files).
 
 The trainer tests compile the same tiny programs in several processes (resume after SIGKILL, CLI
-refusals); caching the executables keeps the suite within its time budget on 2 cores.
+refusals); caching the executables keeps the suite within its time budget on 2 cores. So does
+compiling at XLA's lowest backend optimization level: the tests run each program a few times on
+tiny shapes, where LLVM's optimisation costs far more than it saves (about a third of the suite).
 """
 
 import os
 from pathlib import Path
+
+os.environ["XLA_FLAGS"] = (  # before jax starts its backend; inherited by subprocesses
+    os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
+).strip()
 
 import jax
 import pytest

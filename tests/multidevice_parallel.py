@@ -2,10 +2,11 @@
 (`python -m tests.multidevice_parallel OUT_DIR`), since the device count is fixed at jax import.
 
 1. The tiny Imagine Flash step (`loop.place`: sharded init, frozen models, compiled step, global
-   batches) on meshes (data, fsdp, tensor) = (8,1,1), (2,4,1), (2,2,2) gives the loss, metrics,
-   parameters, EMA, optimizer and discriminator state of the same two steps on 1 device.
+   batches) on the mesh (data, fsdp, tensor) = (2,2,2) gives the loss, metrics, parameters, EMA,
+   optimizer and discriminator state of the same two steps on 1 device. (One mesh with every axis
+   > 1: each 8-device compile of the fused step takes minutes on 2 cores.)
 2. With `frozen_dtype="bfloat16"` the frozen models are stored in bfloat16 and the loss stays
-   within a few percent.
+   within a few percent (on 1 device).
 3. A checkpoint written on (2,2,2) restores onto (1,8,1) and onto 1 device with identical values,
    in the target shardings (and, in the calling 1-device process, through `load_params`).
 Prints one `CHECK <name> <max abs diff>` line per comparison, then `ALL OK`.
@@ -33,7 +34,7 @@ from flash_jax.models import autoencoder
 from flash_jax.pipeline import T2I
 from flash_jax.train import checkpoint, loop
 
-MESHES = ((8, 1, 1), (2, 4, 1), (2, 2, 2))
+MESHES = ((2, 2, 2),)  # data, fsdp and tensor parallel at once (each mesh costs minutes here)
 RTOL, ATOL = 2e-5, 1e-7  # float32 with other reduction orders (sums split 2-, 4- or 8-way)
 BATCH = 8
 STEPS = 2
@@ -133,7 +134,7 @@ def main(out: Path) -> None:
         mesh = mesh_of(config, sizes, jax.devices())
         got, metrics, device_state = run(config, mesh, batches)
         print(f"MESH {sizes}: {sharded_leaves(device_state)} sharded leaves", flush=True)
-        assert sizes == (8, 1, 1) or sharded_leaves(device_state) > 0
+        assert sharded_leaves(device_state) > 0
         for i, (m, e) in enumerate(zip(metrics, expected_metrics, strict=True)):
             assert_close(f"{sizes} metrics step {i + 1}", m, e)
         assert_close(f"{sizes} params", got.params, expected.params)
@@ -154,15 +155,17 @@ def main(out: Path) -> None:
             manager.close()
             np.savez(out / "written_params.npz", **flat(got.params))
 
-    # Frozen models in bfloat16 (config.frozen_dtype): stored so, and the loss stays close.
+    # Frozen models in bfloat16 (config.frozen_dtype): stored so, and the loss stays close. On one
+    # device: the dtype path does not depend on the mesh, and an 8-device compile costs minutes.
     with config.unlocked():
         config.frozen_dtype = "bfloat16"
-    placement = loop.place(config, mesh_of(config, (2, 2, 2), jax.devices()))
+    one_device = mesh_of(config, (1, 1, 1), jax.devices()[:1])
+    placement = loop.place(config, one_device)
     # Compared as np.dtype objects: `dtype('bfloat16') == jnp.bfloat16` holds, but the two hash
     # differently, so a set of leaf dtypes is never equal to `{jnp.bfloat16}`.
     frozen_dtypes = {leaf.dtype for leaf in jax.tree.leaves(placement.frozen)}
     assert frozen_dtypes == {jnp.dtype(jnp.bfloat16)}, frozen_dtypes
-    _, metrics, _ = run(config, mesh_of(config, (2, 2, 2), jax.devices()), batches[:1])
+    _, metrics, _ = run(config, one_device, batches[:1])
     rel = abs(metrics[0]["srl"] - expected_metrics[0]["srl"]) / expected_metrics[0]["srl"]
     assert rel < 0.05, (metrics[0], expected_metrics[0])
     print(f"CHECK bfloat16 frozen srl relative {rel:.3g}", flush=True)

@@ -27,6 +27,7 @@ Two entry points:
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import functools
 import importlib.util
@@ -318,6 +319,19 @@ def set_dotted(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
         if leaf not in node:
             raise KeyError(f"config override {key!r}: no key {leaf!r} (has {sorted(node)})")
         node[leaf] = value
+
+
+def apply_overrides(config: ml_collections.ConfigDict, items: Sequence[str]) -> None:
+    """`set_dotted` for each `KEY=VALUE` of `items`; VALUE is a Python literal, else a string."""
+    for item in items:
+        key, eq, text = item.partition("=")
+        if not eq:
+            raise ValueError(f"config override {item!r}: expected KEY=VALUE")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+        set_dotted(config, key, value)
 
 
 def _resolve(path: str, root: Path, what: str) -> Path:
