@@ -22,7 +22,7 @@ demo: $(VENV)/.runtime
 test: $(VENV)/.dev
 	$(VENV)/bin/ruff check flash_jax tests benchmarks configs launch
 	$(VENV)/bin/ruff format --check flash_jax tests benchmarks configs launch
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --dist loadfile --durations=15
 
 format: $(VENV)/.dev
 	$(VENV)/bin/ruff check --fix flash_jax tests benchmarks configs launch
