@@ -24,13 +24,12 @@ and text embeddings (flash_jax/data/cache.py).
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 
-from flash_jax import diffusion, pipeline, sampling
+from flash_jax import diffusion, sampling
 from flash_jax.methods import Method, common
 from flash_jax.pipeline import T2I
 
@@ -97,8 +96,7 @@ def make(config: ml_collections.ConfigDict) -> Method:
     model = T2I.from_config(config)
     schedule = model.schedule
     T = schedule.num_train_timesteps
-    tokenizer = model.tokenizer()
-    empty_tokens = tokenizer([""])[0]
+    empty_tokens = model.tokenizer()([""])[0]
     student_ts = jnp.asarray(diffusion.timesteps_for(T, addc.student_steps, "trailing"))
     sampler = sampling.SamplerConfig(**config.sample.to_dict())
     discriminator = common.LatentDiscriminator(
@@ -146,20 +144,12 @@ def make(config: ml_collections.ConfigDict) -> Method:
             aux |= adv_aux
         return loss, aux
 
-    init_discriminator, discriminator_loss = (
-        common.discriminator_fns(model, discriminator, config.data.image_size, empty_tokens)
-        if adversarial
-        else (None, None)
-    )
-    generate = common.student_generate(model, sampler, empty_tokens)
-    return Method(
+    return common.student_method(
+        model,
+        sampler,
+        discriminator if adversarial else None,
+        config.data.image_size,
         init=init,
         load_frozen=load_frozen,
         generator_loss=generator_loss,
-        prepare_batch=functools.partial(pipeline.prepare_batch, tokenizer=tokenizer, model=model),
-        init_discriminator=init_discriminator,
-        discriminator_loss=discriminator_loss,
-        sample=common.grid_sample(model, generate, sampler.num_steps),
-        generate=generate,
-        logical_axes=model.logical_axes,
     )

@@ -11,7 +11,8 @@
   also reads the guidance weight w through diffusers' `timestep_cond`), `student_from_teacher`
   (the teacher's weights, the new guidance projection at zero) and `guided_apply`.
 - `student_generate`, `grid_sample`: `Method.generate` / `Method.sample` of a student sampled like
-  a plain diffusion model.
+  a plain diffusion model; `student_method`, the whole Method of such a student (ADD, Imagine
+  Flash), with the discriminator entries when it has one.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flash_jax import diffusion, pipeline, sampling, weights
+from flash_jax.methods import Method
 from flash_jax.models import discriminator as disc_lib
 from flash_jax.models import layers, unet
 from flash_jax.pipeline import T2I
@@ -292,3 +294,37 @@ def grid_sample(model: T2I, generate: Callable[..., Array], num_steps: int) -> C
         return generate(params, frozen, batch["tokens"], x_T, jax.random.fold_in(rng, 1), num_steps)
 
     return sample
+
+
+def student_method(
+    model: T2I,
+    sampler: sampling.SamplerConfig,
+    discriminator: LatentDiscriminator | None,
+    image_size: int,
+    *,
+    init: Callable[[Array], Any],
+    load_frozen: Callable[[], dict[str, Any]],
+    generator_loss: Callable[..., tuple[Array, dict[str, Array]]],
+) -> Method:
+    """The Method of a UNet student of the frozen teacher sampled with `sampler`
+    (`student_generate`, `grid_sample`), with `discriminator_fns` when `discriminator` is given
+    (None: no adversarial term)."""
+    tokenizer = model.tokenizer()
+    empty_tokens = tokenizer([""])[0]
+    init_discriminator, discriminator_loss = (
+        discriminator_fns(model, discriminator, image_size, empty_tokens)
+        if discriminator is not None
+        else (None, None)
+    )
+    generate = student_generate(model, sampler, empty_tokens)
+    return Method(
+        init=init,
+        load_frozen=load_frozen,
+        generator_loss=generator_loss,
+        prepare_batch=functools.partial(pipeline.prepare_batch, tokenizer=tokenizer, model=model),
+        init_discriminator=init_discriminator,
+        discriminator_loss=discriminator_loss,
+        sample=grid_sample(model, generate, sampler.num_steps),
+        generate=generate,
+        logical_axes=model.logical_axes,
+    )
