@@ -1,7 +1,8 @@
 """Stage 1 of the testbed: the AutoencoderKL that defines the latent space.
 
   python -m flash_jax.main --config configs/shapes/autoencoder.py --workdir runs/shapes/autoencoder
-Variants: "quick" (a short smoke run), "tiny" (tiny model, for tests).
+Variants: "f2" (16x16x4 latents, 3500 steps: the recipe of assets/shapes/autoencoder_f2.msgpack),
+"quick" (a short smoke run), "tiny" (tiny model, for tests).
 """
 
 import ml_collections
@@ -13,10 +14,12 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     variants = set(filter(None, (arg or "").split(",")))
     size = "tiny" if "tiny" in variants else "base"
     c = common.training("autoencoder", total_steps=1000, sample_every=500, ema_decay=0.99)
-    c.model = common.model(size)
+    c.model = common.model(size, latents="f2" if "f2" in variants else "f4")
     c.kl_weight = 1e-6  # KL to N(0, I), small: the latent scale is fixed afterwards
     c.decoder_noise = 0.0  # > 0: the decoder sees z + U(0, decoder_noise)·std(z)·ε (robustness)
     c.optimizer = common.optimizer(learning_rate=1e-3, warmup_steps=100)
+    if "f2" in variants:
+        c.total_steps = 3500
     if "quick" in variants:
         c.total_steps, c.checkpoint_every, c.sample_every, c.log_every = 300, 300, 300, 25
     if "tiny" in variants:

@@ -17,7 +17,7 @@ from flash_jax import sampling
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     variants = set(filter(None, (arg or "").split(",")))
-    base = teacher.get_config(",".join(variants & {"tiny"}))
+    base = teacher.get_config(",".join(variants & {"tiny", "f2"}))
     c = common.training(
         "imagine_flash", batch_size=16, total_steps=600, sample_every=200, ema_decay=0.99
     )

@@ -14,7 +14,7 @@ from configs.shapes import common, imagine_flash
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     variants = set(filter(None, (arg or "").split(",")))
-    base = imagine_flash.get_config(",".join(variants & {"tiny"}))
+    base = imagine_flash.get_config(",".join(variants & {"tiny", "f2"}))
     c = common.training(
         "lcm", batch_size=16, total_steps=600, sample_every=200, ema_decay=base.ema_decay
     )

@@ -25,7 +25,7 @@ FIRST_TEACHER_STEPS = 32  # the guidance stage's student is the 16-step stage's 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     variants = set(filter(None, (arg or "").split(",")))
-    base = imagine_flash.get_config(",".join(variants & {"tiny"}))
+    base = imagine_flash.get_config(",".join(variants & {"tiny", "f2"}))
     stages = [v for v in CHAIN if v in variants]
     if len(stages) > 1:
         raise ValueError(f"step_distill config: pick one stage of {CHAIN}, got {stages}")

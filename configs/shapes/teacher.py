@@ -5,7 +5,8 @@ frozen stage-1 VAE's latents, with CFG dropout.
       --config.autoencoder_workdir=runs/shapes/autoencoder
 Variants: "gpu" (the recipe of the shipped assets/shapes/teacher.msgpack: 12200 steps at batch 128,
 peak lr 1e-3, min-SNR-5; about 6 minutes on one H100, ~17 hours on 2 CPU cores; docs/results.md),
-"quick" (a short smoke run), "tiny" (tiny model, for tests).
+"f2" (on the 16x16x4 latents of configs/shapes/autoencoder.py:f2, e.g. the shipped
+assets/shapes/autoencoder_f2.msgpack), "quick" (a short smoke run), "tiny" (tiny model, for tests).
 """
 
 import dataclasses
@@ -19,7 +20,7 @@ from flash_jax import sampling
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     variants = set(filter(None, (arg or "").split(",")))
     c = common.training("denoising", total_steps=3000, sample_every=1000)
-    c.model = common.model("base")
+    c.model = common.model(latents="f2" if "f2" in variants else "f4")
     c.schedule = ml_collections.ConfigDict(
         dict(
             beta_schedule="scaled_linear",  # SD's schedule
@@ -33,6 +34,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.snr_gamma = 0.0  # > 0: min-SNR-γ loss weight (diffusion.min_snr_weight); 0: plain ε-loss
     c.cfg_dropout = 0.1  # probability of training on the empty prompt
     c.autoencoder_workdir = "runs/shapes/autoencoder"  # the trained stage-1 VAE
+    if "f2" in variants:
+        c.autoencoder_workdir += "_f2"
     # The sampler of the periodic grids (every flash_jax.sampling.SamplerConfig field).
     c.sample = ml_collections.ConfigDict(
         dataclasses.asdict(sampling.SamplerConfig(num_steps=25, guidance_scale=4.0))
