@@ -99,43 +99,31 @@ def _main(workdir, *flags, **kwargs):
     return subprocess.Popen(cmd, cwd=ROOT, env=env, **kwargs)
 
 
-def test_unknown_config_key_is_refused_before_anything_runs(tmp_path):
+@pytest.mark.parametrize(
+    "flag, env, message",
+    [
+        ("--config.no_such_key=1", {}, "no_such_key"),
+        ("--config.batch_size=four", {}, "batch_size"),
+        (
+            "--config.batch_size=6",
+            {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"},
+            "batch_size=6 is not divisible by the 4",
+        ),
+    ],
+    ids=["unknown key", "wrong type", "batch not divisible by devices"],
+)
+def test_bad_config_is_refused_before_anything_runs(tmp_path, flag, env, message):
     proc = _main(
         tmp_path / "run",
         "--config=configs/shapes/autoencoder.py:tiny",
-        "--config.no_such_key=1",
+        flag,
         stderr=subprocess.PIPE,
         text=True,
+        env=env,
     )
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode != 0 and "no_such_key" in err
+    assert proc.returncode != 0 and message in err
     assert not (tmp_path / "run").exists()
-
-
-def test_wrong_type_is_refused(tmp_path):
-    proc = _main(
-        tmp_path / "run",
-        "--config=configs/shapes/autoencoder.py:tiny",
-        "--config.batch_size=four",
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode != 0 and "batch_size" in err
-    assert not (tmp_path / "run").exists()
-
-
-def test_batch_not_divisible_by_devices_is_refused(tmp_path):
-    proc = _main(
-        tmp_path / "run",
-        "--config=configs/shapes/autoencoder.py:tiny",
-        "--config.batch_size=6",
-        stderr=subprocess.PIPE,
-        text=True,
-        env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"},
-    )
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode != 0 and "batch_size=6 is not divisible by the 4" in err
 
 
 @pytest.mark.slow
