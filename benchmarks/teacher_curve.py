@@ -14,7 +14,12 @@ the generic compiled step (`loop.place`). At each of `--eval-steps`, and when `-
 time run out, it samples `--num-images` eval prompts with the teacher's 25-step CFG sampler from
 its EMA params and scores them with the shipped judge (`evaluate.score`: alignment per category,
 FD-judge, colour statistics; the "real" row is the ceiling). At the end it scores the last EMA
-params at every `--guidance` scale. `--init` starts from exported params (fresh optimizer).
+params at every `--guidance` scale. `--init` starts from exported params (fresh optimizer);
+`--resume` continues exactly from the `teacher_state.msgpack` of an earlier run (parameters,
+optimizer, EMA, step keys and batch order), for a recipe longer than one device session:
+  python -m benchmarks.teacher_curve --config configs/shapes/teacher.py:gpu,f2 \
+      --autoencoder assets/shapes/autoencoder_f2.msgpack --seconds 420   # then, next session:
+  python -m benchmarks.teacher_curve ... --resume PREVIOUS_OUT/teacher_state.msgpack
 
 No Grain or TFDS: the train split's first `--pool` records are rendered once in `--workers`
 processes and batches are gathered on the device from a fixed-seed reshuffle per epoch (the same
@@ -22,7 +27,9 @@ records and epoch structure as the Grain pipeline, not its exact order).
 
 Writes teacher_curve.json after every evaluation, the EMA params at `--save-steps` (and the last)
 as `teacher_step{N}.msgpack` (loadable wherever a teacher workdir is: `--config.teacher_workdir=`),
-and a grid of real images vs the last teacher's samples, into $OUT if set, else --out.
+the whole train state after every evaluation as `teacher_state.msgpack.0`, `.1`, ... (parts of at
+most 15 MiB, small enough for size-capped artifact transfers; `--resume` takes the name without the
+part number), and a grid of real images vs the last teacher's samples, into $OUT if set, else --out.
 """
 
 from __future__ import annotations
@@ -69,6 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--autoencoder", default=str(ASSETS / "autoencoder.msgpack"), help="frozen VAE (.msgpack)"
     )
     p.add_argument("--init", default="", help="start from these params (.msgpack), fresh optimizer")
+    p.add_argument("--resume", default="", help="continue exactly from a teacher_state.msgpack")
     p.add_argument("--out", default=str(common.RESULTS / "teacher_curve"))
     return p.parse_args(argv)
 
@@ -134,13 +142,12 @@ def main(argv: list[str] | None = None) -> None:
     evaluate.set_dotted(config, "autoencoder_workdir", args.autoencoder)
     image_size, batch_size = config.data.image_size, config.batch_size
 
-    images, captions = render_pool(args.pool, config.data.seed, image_size, args.workers)
-    t_pool = time.perf_counter() - t0
-    model = T2I.from_config(config)
-    tokens = model.tokenizer()(captions)
-
+    if args.init and args.resume:
+        raise ValueError("--init and --resume: pick one")
     placement = loop.place(config, parallel.make_mesh(config.mesh))
     state = placement.init_state()
+    if args.resume:
+        state = load_state(args.resume, state, placement.abstract_state)
     if args.init:
         loaded = checkpoint.load_params(args.init)
 
@@ -149,6 +156,12 @@ def main(argv: list[str] | None = None) -> None:
             return jax.tree.map(lambda a, s: jax.device_put(a, s.sharding), loaded, target)
 
         state = state.replace(params=put(), ema_params=put())
+
+    t1 = time.perf_counter()
+    images, captions = render_pool(args.pool, config.data.seed, image_size, args.workers)
+    t_pool = time.perf_counter() - t1
+    model = T2I.from_config(config)
+    tokens = model.tokenizer()(captions)
     pool = jax.device_put({"image": images, "tokens": tokens})
     gather = jax.jit(
         lambda pool, idx: jax.tree.map(lambda a: a[idx], pool),
@@ -159,12 +172,17 @@ def main(argv: list[str] | None = None) -> None:
     )
     sampler = sampling.SamplerConfig(**config.sample.to_dict())
 
-    eval_steps = sorted(int(s) for s in args.eval_steps.split(","))
+    step = int(state.step)
+    eval_steps = sorted(s for s in (int(s) for s in args.eval_steps.split(",")) if s >= step)
+    if not eval_steps:
+        raise ValueError(f"--eval-steps {args.eval_steps}: none at or after step {step}")
     save_steps = {int(s) for s in args.save_steps.split(",") if s}
     result: dict[str, Any] = {
         **common.platform_info(),
         "config": args.config,
         "init": args.init,
+        "resume": args.resume,
+        "start_step": step,
         "overrides": args.set,
         "batch_size": batch_size,
         "pool": args.pool,
@@ -181,7 +199,9 @@ def main(argv: list[str] | None = None) -> None:
         (out / f"teacher_step{step}.msgpack").write_bytes(blob)
 
     batches = epoch_indices(args.pool, batch_size, config.data.shuffle_seed)
-    step, t_train, images_last, metrics = 0, 0.0, None, {"loss": float("nan")}
+    for _ in range(step):  # the batches a resumed state has already seen
+        next(batches)
+    t_train, images_last, metrics = 0.0, None, {"loss": float("nan")}
     deadline = t0 + args.seconds
     for target in eval_steps:
         t1 = time.perf_counter()
@@ -199,17 +219,20 @@ def main(argv: list[str] | None = None) -> None:
         print(f"step {step:6d} {t_train:7.1f}s loss {loss:.4f}  {_brief(row)}", flush=True)
         if step in save_steps:
             export(step, ema)
+        write_parts(
+            out / "teacher_state.msgpack", flax.serialization.to_bytes(jax.device_get(state))
+        )
         if time.perf_counter() > deadline:
             break
     if step not in save_steps:
         export(step, ema)
 
     result["guidance"] = {}
-    for scale in (float(s) for s in args.guidance.split(",")):
+    for scale in (float(s) for s in args.guidance.split(",") if s):
         row, _ = score(ema, dataclasses.replace(sampler, guidance_scale=scale))
         result["guidance"][str(scale)] = row
         print(f"guidance {scale:4}: {_brief(row)}", flush=True)
-    result["steps_per_second"] = step / t_train
+    result["steps_per_second"] = (step - result["start_step"]) / t_train
     result["wall_seconds"] = _wall(t0)
     common.write_json(result, "teacher_curve.json", str(out / "teacher_curve.json"))
     grid = evaluate.sample_grid({"real": real, f"teacher {step}": images_last}, eval_captions, 12)
@@ -217,6 +240,46 @@ def main(argv: list[str] | None = None) -> None:
 
 
 CATEGORIES = shapes.CATEGORIES
+
+
+PART_BYTES = 15 * 2**20
+
+
+def write_parts(path: Path, blob: bytes) -> None:
+    """`blob` as `path.0`, `path.1`, ... of at most PART_BYTES each (stale higher parts removed)."""
+    count = max(1, -(-len(blob) // PART_BYTES))
+    for i in range(count):
+        Path(f"{path}.{i}").write_bytes(blob[i * PART_BYTES : (i + 1) * PART_BYTES])
+    while Path(f"{path}.{count}").exists():
+        Path(f"{path}.{count}").unlink()
+        count += 1
+
+
+def read_parts(path: str) -> bytes:
+    """The bytes `write_parts(path, ...)` wrote."""
+    parts = []
+    while Path(f"{path}.{len(parts)}").is_file():
+        parts.append(Path(f"{path}.{len(parts)}").read_bytes())
+    if not parts:
+        raise FileNotFoundError(f"--resume {path}: no {path}.0")
+    return b"".join(parts)
+
+
+def load_state(path: str, fresh: Any, abstract: Any) -> Any:
+    """The TrainState saved as `path.0`, `path.1`, ... by an earlier run, placed like `abstract`;
+    `fresh` (this config's initial state) gives the structure, so a state of another config is an
+    error."""
+    host = flax.serialization.from_bytes(jax.device_get(fresh), read_parts(path))
+    mismatched = [
+        jax.tree_util.keystr(k)
+        for (k, a), b in zip(
+            jax.tree_util.tree_leaves_with_path(host), jax.tree.leaves(fresh), strict=True
+        )
+        if np.shape(a) != np.shape(b)
+    ]
+    if mismatched:
+        raise ValueError(f"--resume {path}: shapes differ from this config at {mismatched[:5]}")
+    return jax.tree.map(lambda a, s: jax.device_put(a, s.sharding), host, abstract)
 
 
 def _brief(row: dict[str, Any]) -> str:

@@ -28,7 +28,9 @@ _LATENTS = {
 }
 
 
-def model(size: str = "base", image_size: int = 32, latents: str = "f4") -> ml_collections.ConfigDict:
+def model(
+    size: str = "base", image_size: int = 32, latents: str = "f4"
+) -> ml_collections.ConfigDict:
     """`model.{unet, text, autoencoder}` for the testbed; `latents` picks the "base" VAE ("tiny"
     always has its own)."""
     unet_ch, heads, width, layers = _SIZES[size]
