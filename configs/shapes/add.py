@@ -3,8 +3,8 @@
   python -m flash_jax.main --config configs/shapes/add.py[:variants] --workdir runs/shapes/add \
       --config.teacher_workdir=assets/shapes/teacher.msgpack \
       --config.autoencoder_workdir=assets/shapes/autoencoder.msgpack
-Variants (comma-separated): "quick", "tiny". Same budget and discriminator as
-configs/shapes/imagine_flash.py.
+Variants (comma-separated): "f2", "quick", "tiny" (as in imagine_flash.py). Same budget and
+discriminator as configs/shapes/imagine_flash.py.
 """
 
 import dataclasses
@@ -16,7 +16,7 @@ from flash_jax import sampling
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    variants = set(filter(None, (arg or "").split(",")))
+    variants = common.variants(arg, ("f2", "quick", "tiny"), "configs/shapes/add.py")
     base = imagine_flash.get_config(",".join(variants & {"tiny", "f2"}))
     c = common.training(
         "add", batch_size=16, total_steps=600, sample_every=200, ema_decay=base.ema_decay

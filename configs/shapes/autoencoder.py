@@ -11,7 +11,7 @@ from configs.shapes import common
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    variants = set(filter(None, (arg or "").split(",")))
+    variants = common.variants(arg, ("f2", "quick", "tiny"), "configs/shapes/autoencoder.py")
     size = "tiny" if "tiny" in variants else "base"
     c = common.training("autoencoder", total_steps=1000, sample_every=500, ema_decay=0.99)
     c.model = common.model(size, latents="f2" if "f2" in variants else "f4")

@@ -9,6 +9,8 @@ Latent spaces of the "base" size: "f4" (8x8x4, the shipped assets/shapes/autoenc
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import ml_collections
 
 from flash_jax.data.tokenizer import shapes_vocabulary
@@ -26,6 +28,18 @@ _LATENTS = {
     "f2": ((16, 32), 0.73, 2.32),
     "tiny": ((8, 16), None, 1.0),  # untrained, for tests
 }
+
+
+def variants(arg: str | None, known: Iterable[str], config: str) -> set[str]:
+    """The comma-separated variants in `arg` (what follows `:` in --config); one that is not in
+    `known` is an error, so a misspelt variant never silently trains the default."""
+    chosen = set(filter(None, (arg or "").split(",")))
+    unknown = chosen - set(known)
+    if unknown:
+        raise ValueError(
+            f"{config}: unknown variant(s) {sorted(unknown)}; this config has {sorted(known)}"
+        )
+    return chosen
 
 
 def model(

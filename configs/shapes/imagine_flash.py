@@ -4,7 +4,8 @@
       --workdir runs/shapes/if3 --config.teacher_workdir=runs/shapes/teacher \
       --config.autoencoder_workdir=runs/shapes/autoencoder
 Variants (comma-separated): "1", "2", "3" (student steps; default 3), "all" (one student for 1/2/3),
-the paper's ablations "no_nc", "no_disc", "no_backward", "no_srl", and "quick" / "tiny".
+the paper's ablations "no_nc", "no_disc", "no_backward", "no_srl", "f2" (16x16x4 latents, for a
+teacher trained with configs/shapes/teacher.py:f2), and "quick" / "tiny".
 """
 
 import dataclasses
@@ -16,7 +17,11 @@ from flash_jax import sampling
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    variants = set(filter(None, (arg or "").split(",")))
+    variants = common.variants(
+        arg,
+        ("1", "2", "3", "all", "no_nc", "no_disc", "no_backward", "no_srl", "f2", "quick", "tiny"),
+        "configs/shapes/imagine_flash.py",
+    )
     base = teacher.get_config(",".join(variants & {"tiny", "f2"}))
     c = common.training(
         "imagine_flash", batch_size=16, total_steps=600, sample_every=200, ema_decay=0.99

@@ -11,7 +11,7 @@ from configs.shapes import common
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    variants = set(filter(None, (arg or "").split(",")))
+    variants = common.variants(arg, ("quick", "tiny"), "configs/shapes/judge.py")
     c = common.training(
         "judge",
         batch_size=32,

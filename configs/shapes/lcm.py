@@ -3,8 +3,8 @@
   python -m flash_jax.main --config configs/shapes/lcm.py[:variants] --workdir runs/shapes/lcm \
       --config.teacher_workdir=assets/shapes/teacher.msgpack \
       --config.autoencoder_workdir=assets/shapes/autoencoder.msgpack
-One student serves 1, 2 and 3 steps. Variants (comma-separated): "quick", "tiny". Same budget as
-configs/shapes/imagine_flash.py (updates, batch, optimizer).
+One student serves 1, 2 and 3 steps. Variants (comma-separated): "f2", "quick", "tiny" (as in
+imagine_flash.py). Same budget as configs/shapes/imagine_flash.py (updates, batch, optimizer).
 """
 
 import ml_collections
@@ -13,7 +13,7 @@ from configs.shapes import common, imagine_flash
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    variants = set(filter(None, (arg or "").split(",")))
+    variants = common.variants(arg, ("f2", "quick", "tiny"), "configs/shapes/lcm.py")
     base = imagine_flash.get_config(",".join(variants & {"tiny", "f2"}))
     c = common.training(
         "lcm", batch_size=16, total_steps=600, sample_every=200, ema_decay=base.ema_decay

@@ -12,7 +12,7 @@ The method is a chain of runs, each a variant of this config:
       --config.step_distill.previous_workdir=runs/sd/guidance  (same teacher/VAE flags)
   ... then :8 from runs/sd/16, :4 from runs/sd/8.
 The four runs together get the budget of ONE Imagine Flash run (STAGES stages of total_steps/STAGES
-updates each). Other variants: "quick", "tiny".
+updates each). Other variants: "f2", "quick", "tiny" (as in imagine_flash.py).
 """
 
 import ml_collections
@@ -24,7 +24,9 @@ FIRST_TEACHER_STEPS = 32  # the guidance stage's student is the 16-step stage's 
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    variants = set(filter(None, (arg or "").split(",")))
+    variants = common.variants(
+        arg, (*CHAIN, "f2", "quick", "tiny"), "configs/shapes/step_distill.py"
+    )
     base = imagine_flash.get_config(",".join(variants & {"tiny", "f2"}))
     stages = [v for v in CHAIN if v in variants]
     if len(stages) > 1:

@@ -18,7 +18,7 @@ from flash_jax import sampling
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    variants = set(filter(None, (arg or "").split(",")))
+    variants = common.variants(arg, ("gpu", "f2", "quick", "tiny"), "configs/shapes/teacher.py")
     c = common.training("denoising", total_steps=3000, sample_every=1000)
     c.model = common.model(latents="f2" if "f2" in variants else "f4")
     c.schedule = ml_collections.ConfigDict(

@@ -1,10 +1,12 @@
-"""The shipped testbed autoencoders (assets/shapes) against the configs that name them: every tensor
-matches the config's model, and the config's latent factors fit the weights (the diffusion latents
-of training images are zero-mean with unit variance). A mismatch is refused, naming the tensors.
+"""The testbed configs (configs/shapes): variants are checked and reach the model, and the shipped
+autoencoders (assets/shapes) fit the configs that name them: every tensor matches the config's
+model, and the config's latent factors fit the weights (the diffusion latents of training images
+are zero-mean with unit variance). A mismatch is refused, naming the tensors.
 """
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 import jax
@@ -20,6 +22,24 @@ from flash_jax.pipeline import T2I
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets" / "shapes"
 SHIPPED = {"f4": "autoencoder.msgpack", "f2": "autoencoder_f2.msgpack"}
+CONFIGS = ("add", "autoencoder", "imagine_flash", "judge", "lcm", "step_distill", "teacher")
+DIFFUSION = ("add", "imagine_flash", "lcm", "step_distill", "teacher")
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_misspelt_variant_is_refused(name):
+    get_config = importlib.import_module(f"configs.shapes.{name}").get_config
+    with pytest.raises(ValueError, match=rf"{name}\.py: unknown variant\(s\) \['tiyn'\]"):
+        get_config("quick,tiyn")
+
+
+@pytest.mark.parametrize("name", DIFFUSION)
+def test_f2_variant_puts_every_diffusion_config_on_16x16_latents(name):
+    get_config = importlib.import_module(f"configs.shapes.{name}").get_config
+    f4, f2 = get_config(""), get_config("f2")
+    assert (f4.model.unet.sample_size, f2.model.unet.sample_size) == (8, 16)
+    assert f2.model.autoencoder.to_dict() == teacher.get_config("f2").model.autoencoder.to_dict()
+    assert f2.model.autoencoder.block_out_channels == [16, 32]
 
 
 def _config(latents: str, asset: str):
