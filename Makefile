@@ -20,13 +20,13 @@ demo: $(VENV)/.runtime
 	$(PY) -m flash_jax.demo --workdir runs/demo
 
 test: $(VENV)/.dev
-	$(VENV)/bin/ruff check flash_jax tests benchmarks configs
-	$(VENV)/bin/ruff format --check flash_jax tests benchmarks configs
+	$(VENV)/bin/ruff check flash_jax tests benchmarks configs launch
+	$(VENV)/bin/ruff format --check flash_jax tests benchmarks configs launch
 	$(PY) -m pytest -q
 
 format: $(VENV)/.dev
-	$(VENV)/bin/ruff check --fix flash_jax tests benchmarks configs
-	$(VENV)/bin/ruff format flash_jax tests benchmarks configs
+	$(VENV)/bin/ruff check --fix flash_jax tests benchmarks configs launch
+	$(VENV)/bin/ruff format flash_jax tests benchmarks configs launch
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

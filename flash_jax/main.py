@@ -21,7 +21,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from flash_jax import sampling
+from flash_jax import pipeline, sampling
 from flash_jax.pipeline import T2I
 from flash_jax.train import checkpoint, loop
 
@@ -55,12 +55,10 @@ def sample(config, workdir: str) -> Path:
     model = T2I.from_config(config)
     params = checkpoint.load_params(workdir)
     if config.method == "imagine_flash":
-        params = {
-            "unet": params["unet"],
-            "text": checkpoint.load_params(config.teacher_workdir)["text"],
-        }
+        teacher_text = pipeline.load_teacher(config, model, parts=("text",))["text"]
+        params = {"unet": params["unet"], "text": teacher_text}
     model.check(params, workdir)
-    vae = checkpoint.load_params(config.autoencoder_workdir)
+    vae = pipeline.load_autoencoder(config, model)
     sampler = sampling.SamplerConfig(
         num_steps=_STEPS.value, guidance_scale=_GUIDANCE.value, noise_correction=_NC.value
     )

@@ -151,8 +151,22 @@ def params_to_torch(params: Params, *, rename: Rename = lambda name: name) -> St
     }
 
 
-def load_safetensors_dir(path: str | Path) -> tuple[dict[str, Any], StateDict]:
-    """Reads a diffusers/transformers model folder: `config.json` and every `*.safetensors` in it.
+def _weight_variant(file: Path) -> str:
+    """`""` for `model.safetensors` / `model-00001-of-00002.safetensors`; `"fp16"` for
+    `model.fp16.safetensors` / `model.fp16-00001-of-00002.safetensors` (diffusers' naming)."""
+    parts = file.name.split(".")
+    return "" if len(parts) == 2 else re.sub(r"-\d+-of-\d+$", "", parts[-2])
+
+
+def load_safetensors_dir(path: str | Path, variant: str = "") -> tuple[dict[str, Any], StateDict]:
+    """Reads a diffusers/transformers model folder: `config.json` and the `*.safetensors` of one
+    weight variant in it.
+
+    Args:
+      path: the folder.
+      variant: `""` reads the plain files (`model.safetensors`, or its shards); `"fp16"` reads
+        `*.fp16.safetensors` (and shards). Hub snapshots often hold several variants side by side
+        (`diffusion_pytorch_model.safetensors`, `.fp16.`, `.non_ema.`); only one is read.
 
     Returns:
       `(config_dict, state_dict)`; the state dict merges all shards.
@@ -163,9 +177,13 @@ def load_safetensors_dir(path: str | Path) -> tuple[dict[str, Any], StateDict]:
     config_file = path / "config.json"
     if not config_file.is_file():
         raise WeightsError(f"{path}: no config.json")
-    files = sorted(path.glob("*.safetensors"))
+    every = sorted(path.glob("*.safetensors"))
+    files = [f for f in every if _weight_variant(f) == variant]
     if not files:
-        raise WeightsError(f"{path}: no *.safetensors files")
+        found = sorted({_weight_variant(f) for f in every})
+        raise WeightsError(
+            f"{path}: no *.safetensors files of variant {variant!r} (variants there: {found})"
+        )
     state_dict: StateDict = {}
     for f in files:
         shard = load_file(str(f))
@@ -249,17 +267,20 @@ def clip_text_to_transformers(
     )
 
 
-def clip_text_from_pretrained(folder: str | Path, **overrides: Any) -> tuple[Any, Params]:
+def clip_text_from_pretrained(
+    folder: str | Path, variant: str = "", **overrides: Any
+) -> tuple[Any, Params]:
     """`(CLIPTextConfig, params)` from a transformers text encoder folder (e.g. SD's
     `text_encoder/`, SDXL's `text_encoder_2/`): `config.json` + `*.safetensors`.
 
     The projection is loaded iff the checkpoint has `text_projection.weight`; use
     `CLIPTextModel(config, with_projection="text_projection" in params)`. `overrides` go to
-    `CLIPTextConfig.from_transformers` (`dtype`, `param_dtype`, `remat`).
+    `CLIPTextConfig.from_transformers` (`dtype`, `param_dtype`, `remat`); `variant` selects the
+    weight files (see `load_safetensors_dir`).
     """
     from flash_jax.models.text import CLIPTextConfig
 
-    config_dict, state_dict = load_safetensors_dir(folder)
+    config_dict, state_dict = load_safetensors_dir(folder, variant)
     config = CLIPTextConfig.from_transformers(config_dict, **overrides)
     with_projection = "text_projection.weight" in state_dict
     return config, clip_text_from_transformers(state_dict, config, with_projection)
@@ -392,23 +413,28 @@ def autoencoder_to_diffusers(params: Params, config: Any) -> StateDict:
     return params_to_torch(params)
 
 
-def unet_from_pretrained(folder: str | Path, **overrides: Any) -> tuple[Any, Params]:
+def unet_from_pretrained(
+    folder: str | Path, variant: str = "", **overrides: Any
+) -> tuple[Any, Params]:
     """`(UNetConfig, params)` from a diffusers UNet folder (`config.json` + `*.safetensors`), or a
     pipeline folder holding `unet/`. `overrides` go to `UNetConfig.from_diffusers` (`dtype`,
-    `param_dtype`, `remat`, ...)."""
+    `param_dtype`, `remat`, ...); `variant` selects the weight files (`load_safetensors_dir`)."""
     from flash_jax.models.unet import UNetConfig
 
-    config_dict, state_dict = load_safetensors_dir(_pretrained_folder(folder, "unet"))
+    config_dict, state_dict = load_safetensors_dir(_pretrained_folder(folder, "unet"), variant)
     config = UNetConfig.from_diffusers(config_dict, **overrides)
     return config, unet_from_diffusers(state_dict, config)
 
 
-def autoencoder_from_pretrained(folder: str | Path, **overrides: Any) -> tuple[Any, Params]:
+def autoencoder_from_pretrained(
+    folder: str | Path, variant: str = "", **overrides: Any
+) -> tuple[Any, Params]:
     """`(AutoencoderConfig, params)` from a diffusers AutoencoderKL folder, or a pipeline folder
-    holding `vae/`. `overrides` go to `AutoencoderConfig.from_diffusers`."""
+    holding `vae/`. `overrides` go to `AutoencoderConfig.from_diffusers`; `variant` selects the
+    weight files (`load_safetensors_dir`)."""
     from flash_jax.models.autoencoder import AutoencoderConfig
 
-    config_dict, state_dict = load_safetensors_dir(_pretrained_folder(folder, "vae"))
+    config_dict, state_dict = load_safetensors_dir(_pretrained_folder(folder, "vae"), variant)
     config = AutoencoderConfig.from_diffusers(config_dict, **overrides)
     return config, autoencoder_from_diffusers(state_dict, config)
 

@@ -93,8 +93,8 @@ def training(method: str, **overrides) -> ml_collections.ConfigDict:
     c.disc_optimizer = optimizer()  # used only by methods with a discriminator
     c.data = ml_collections.ConfigDict(
         dict(
-            source="shapes",  # the Shapes testbed (rendered on the fly unless data_dir is set)
-            data_dir="",  # prepared TFDS directory; empty renders on the fly
+            source="shapes",  # "shapes" (testbed) | "captions" (image–caption TFDS) | "cache"
+            data_dir="",  # prepared TFDS directory; empty renders Shapes on the fly
             num_records=0,  # train records; 0 = the split's default
             image_size=32,  # image side in pixels
             seed=0,  # Shapes generator seed

@@ -76,3 +76,13 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     )
     c.lock()
     return c
+
+
+def get_hyper(h):
+    """The paper's main ablation grid on the testbed: γ slope × adversarial weight (launch/sweep.py)."""
+    return h.product(
+        [
+            h.sweep("config.imagine_flash.gamma_a", [0.5, 0.75, 0.9]),
+            h.sweep("config.imagine_flash.adv_weight", [0.0, 0.1]),
+        ]
+    )

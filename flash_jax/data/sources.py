@@ -179,27 +179,30 @@ def build_shapes_tfds(
     return Path(builder.data_dir)
 
 
-def _find_prepared(data_dir: str | os.PathLike) -> Path:
+def find_prepared(data_dir: str | os.PathLike, builder_name: str = ShapesBuilder.name) -> Path:
+    """The prepared TFDS dataset directory (the one holding `dataset_info.json`): `data_dir`
+    itself, or the only `builder_name` dataset under it."""
     root = Path(data_dir)
     if (root / "dataset_info.json").exists():
         return root
-    found = sorted(p.parent for p in root.glob(f"**/{ShapesBuilder.name}/**/dataset_info.json"))
+    found = sorted(p.parent for p in root.glob(f"**/{builder_name}/**/dataset_info.json"))
     if len(found) != 1:
-        what = "no prepared Shapes dataset" if not found else f"{len(found)} prepared datasets"
+        what = f"no prepared {builder_name}" if not found else f"{len(found)} prepared datasets"
         listing = "".join(f"\n  {p}" for p in found)
         raise FileNotFoundError(
-            f"{what} under {root}; pass the directory build_shapes_tfds returned{listing}"
+            f"{what} under {root}; pass the directory its build function returned{listing}"
         )
     return found[0]
 
 
-def tfds_source(data_dir: str | os.PathLike, split: str):
+def tfds_source(data_dir: str | os.PathLike, split: str, builder_name: str = ShapesBuilder.name):
     """Random-access source over a prepared split (`array_record`, no TensorFlow).
 
-    `data_dir` is the directory `build_shapes_tfds` returned, or a root holding exactly one.
-    Elements come out as stored (caption as bytes); `make_shapes_dataset` normalises them.
+    `data_dir` is the directory `build_shapes_tfds` (or another builder's build function)
+    returned, or a root holding exactly one `builder_name` dataset. Elements come out as stored
+    (text as bytes); the pipelines normalise them.
     """
-    builder = tfds.builder_from_directory(os.fspath(_find_prepared(data_dir)))
+    builder = tfds.builder_from_directory(os.fspath(find_prepared(data_dir, builder_name)))
     if split not in builder.info.splits:
         raise ValueError(f"split {split!r} not in {sorted(builder.info.splits)} at {data_dir}")
     return builder.as_data_source(split)
@@ -241,6 +244,50 @@ def shard_bounds(
     return start, start + per + (shard_index < extra)
 
 
+def make_pipeline(
+    source: Any,
+    batch_size: int,
+    seed: int,
+    transform: Any,
+    *,
+    shard_index: int | None = None,
+    shard_count: int | None = None,
+    num_records: int | None = None,
+    shuffle: bool = True,
+    num_epochs: int | None = None,
+    drop_remainder: bool = True,
+    worker_count: int = 0,
+    read_threads: int = 2,
+) -> grain.IterDataset:
+    """The Grain pipeline over any random-access `source`: this shard's contiguous block of
+    records -> global shuffle (reshuffled every epoch) -> repeat -> `transform` per record ->
+    batch. Arguments as in `make_shapes_dataset` (`num_records`: use only the first ones);
+    `transform` must be picklable for `worker_count > 0` (a module-level function or a
+    `functools.partial` of one)."""
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if shard_index is None or shard_count is None:
+        shard_index, shard_count = host_shard()
+    if num_records is not None and num_records > len(source):
+        raise ValueError(f"asked for {num_records} records, the source has {len(source)}")
+    total = len(source) if num_records is None else num_records
+    start, stop = shard_bounds(total, shard_index, shard_count, drop_remainder)
+    if drop_remainder and stop - start < batch_size:
+        raise ValueError(f"shard of {stop - start} records is smaller than batch_size {batch_size}")
+    ds = grain.MapDataset.source(source)[start:stop]
+    if shuffle:
+        ds = ds.shuffle(seed=seed)
+    ds = ds.repeat(num_epochs).map(transform)
+    if worker_count > 0:
+        # Workers read interleaved slices of the element stream: batching after them keeps the
+        # batches identical to the single-process ones.
+        ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+        return ds.batch(batch_size, drop_remainder=drop_remainder)
+    read = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=2 * batch_size)
+    return ds.to_iter_dataset(read).batch(batch_size, drop_remainder=drop_remainder)
+
+
 def make_shapes_dataset(
     data_dir: str | os.PathLike | None,
     split: str,
@@ -279,31 +326,80 @@ def make_shapes_dataset(
       An `IterDataset` of batch dicts (layout in the module docstring). Its iterators have
       `get_state()` / `set_state(state)`; restoring a state resumes at exactly the next batch.
     """
-    if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    if shard_index is None or shard_count is None:
-        shard_index, shard_count = host_shard()
     if data_dir is None:
         n = DEFAULT_NUM_RECORDS[split] if num_records is None else num_records
         source = ShapesSource(split, n, seed=data_seed, image_size=image_size)
+        num_records = None
     else:
         source = tfds_source(data_dir, split)
-        if num_records is not None:
-            if num_records > len(source):
-                raise ValueError(f"asked for {num_records} records, {data_dir} has {len(source)}")
-    total = len(source) if num_records is None else num_records
-    start, stop = shard_bounds(total, shard_index, shard_count, drop_remainder)
-    if drop_remainder and stop - start < batch_size:
-        raise ValueError(f"shard of {stop - start} records is smaller than batch_size {batch_size}")
-    ds = grain.MapDataset.source(source)[start:stop]
-    if shuffle:
-        ds = ds.shuffle(seed=seed)
-    ds = ds.repeat(num_epochs).map(_normalise)
-    if worker_count > 0:
-        # Workers read interleaved slices of the element stream: batching after them keeps the
-        # batches identical to the single-process ones.
-        ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
-        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
-        return ds.batch(batch_size, drop_remainder=drop_remainder)
-    read = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=2 * batch_size)
-    return ds.to_iter_dataset(read).batch(batch_size, drop_remainder=drop_remainder)
+    return make_pipeline(
+        source,
+        batch_size,
+        seed,
+        _normalise,
+        shard_index=shard_index,
+        shard_count=shard_count,
+        num_records=num_records,
+        shuffle=shuffle,
+        num_epochs=num_epochs,
+        drop_remainder=drop_remainder,
+        worker_count=worker_count,
+        read_threads=read_threads,
+    )
+
+
+SOURCES = ("shapes", "captions", "cache")
+
+
+def make_dataset(
+    config: Any,
+    batch_size: int,
+    split: str = "train",
+    *,
+    shuffle: bool = True,
+    num_epochs: int | None = None,
+    drop_remainder: bool = True,
+    shard_index: int | None = None,
+    shard_count: int | None = None,
+) -> grain.IterDataset:
+    """The pipeline `config.data` describes (keys: source, data_dir, num_records, image_size,
+    seed, shuffle_seed), for this host's shard (`host_shard()` unless given).
+
+    Sources: "shapes" (the testbed, rendered or from `data_dir`), "captions" (an image–caption
+    TFDS dataset, flash_jax/data/captions.py), "cache" (latents + text embeddings written by
+    flash_jax/data/cache.py; its image size must equal `config.image_size`). `num_records`
+    (0 = all) limits the train split only.
+    """
+    kw = dict(
+        shard_index=shard_index,
+        shard_count=shard_count,
+        num_records=(config.num_records or None) if split == "train" else None,
+        shuffle=shuffle,
+        num_epochs=num_epochs,
+        drop_remainder=drop_remainder,
+    )
+    if config.source == "shapes":
+        return make_shapes_dataset(
+            config.data_dir or None,
+            split,
+            batch_size,
+            config.shuffle_seed,
+            image_size=config.image_size,
+            data_seed=config.seed,
+            **kw,
+        )
+    if not config.data_dir:
+        raise ValueError(f"config.data.source={config.source!r} needs config.data.data_dir")
+    if config.source == "captions":
+        from flash_jax.data import captions
+
+        return captions.make_caption_dataset(
+            config.data_dir, split, batch_size, config.shuffle_seed, config.image_size, **kw
+        )
+    if config.source == "cache":
+        from flash_jax.data import cache
+
+        return cache.make_cache_dataset(
+            config.data_dir, split, batch_size, config.shuffle_seed, config.image_size, **kw
+        )
+    raise ValueError(f"config.data.source={config.source!r} is not one of {SOURCES}")

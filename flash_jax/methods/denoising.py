@@ -1,22 +1,23 @@
 """The diffusion loss: trains a text-to-image teacher (UNet + text encoder) on frozen-VAE latents.
 
 config reads: model.*, schedule.*, cfg_dropout (probability of the empty prompt, for CFG),
-autoencoder_workdir (where the frozen VAE was trained), sample.* (the grid sampler).
+autoencoder_workdir (where the frozen VAE was trained; or model.pretrained), sample.* (the grid
+sampler). Cached latents in the batch (flash_jax/data/cache.py) replace the VAE encoder; the text
+encoder is trained here, so it always encodes the batch's tokens (cached embeddings are unused).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
-from flash_jax import diffusion, sampling
+from flash_jax import diffusion, pipeline, sampling
 from flash_jax.methods import Method
 from flash_jax.pipeline import T2I
-from flash_jax.train import checkpoint
 
 
 def diffusion_target(x0, noise, alpha, sigma, prediction_type: str) -> jax.Array:
@@ -39,19 +40,19 @@ def make(config: ml_collections.ConfigDict) -> Method:
     schedule = model.schedule
     grid_sampler = sampler_config(config.sample)
 
-    def prepare_batch(raw: dict) -> dict:
-        return {"image": np.asarray(raw["image"]), "tokens": tokenizer(list(raw["caption"]))}
+    prepare_batch = functools.partial(pipeline.prepare_batch, tokenizer=tokenizer, model=model)
 
     def load_frozen() -> dict[str, Any]:
-        return {"vae": checkpoint.load_params(config.autoencoder_workdir)}
+        return {"vae": pipeline.load_autoencoder(config, model)}
 
     def generator_loss(params, frozen, batch, rng, disc_params=None):
         del disc_params
         k_lat, k_t, k_noise, k_drop = jax.random.split(rng, 4)
-        x0 = model.to_latents(frozen["vae"], batch["image"], k_lat)
+        x0 = model.batch_latents(frozen["vae"], batch, k_lat)
         b = x0.shape[0]
-        drop = jax.random.bernoulli(k_drop, config.cfg_dropout, (b, 1))
-        tokens = jnp.where(drop, empty_tokens[None], batch["tokens"])
+        tokens = batch["tokens"]
+        drop = jax.random.bernoulli(k_drop, config.cfg_dropout, (b,) + (1,) * (tokens.ndim - 1))
+        tokens = jnp.where(drop, empty_tokens[None], tokens)
         context = model.encode_text(params["text"], tokens)
         t = jax.random.randint(k_t, (b,), 0, schedule.num_train_timesteps)
         alpha, sigma = (a.reshape(b, 1, 1, 1) for a in schedule.alpha_sigma(t))
@@ -63,9 +64,7 @@ def make(config: ml_collections.ConfigDict) -> Method:
         return loss, {}
 
     def sample(params, frozen, batch, rng):
-        x_T = jax.random.normal(
-            rng, model.latent_shape(batch["tokens"].shape[0], batch["image"].shape[1])
-        )
+        x_T = jax.random.normal(rng, model.batch_latent_shape(batch))
         uncond = jnp.broadcast_to(empty_tokens, batch["tokens"].shape)
         return model.generate(params, frozen["vae"], batch["tokens"], uncond, x_T, grid_sampler)
 

@@ -14,24 +14,27 @@ One generator step, all inside the trainer's single compiled program:
 The discriminator (models/discriminator.py) sees real latents and the student's x̂0^Θ re-noised to
 a random level, through the FROZEN teacher UNet's down/mid features, with trainable heads.
 
-config reads: model.*, schedule.*, teacher_workdir, autoencoder_workdir, and `imagine_flash.*`
-(see configs/shapes/imagine_flash.py for every knob and its default).
+config reads: model.*, schedule.*, teacher_workdir, autoencoder_workdir (unused when
+model.pretrained names a diffusers folder), and `imagine_flash.*` (see
+configs/shapes/imagine_flash.py for every knob and its default). Batches may carry cached latents
+and text embeddings (flash_jax/data/cache.py); then neither the VAE encoder nor the text encoder
+runs in the step, except on the empty prompt.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flash_jax import diffusion, sampling
+from flash_jax import diffusion, pipeline, sampling
 from flash_jax.methods import Method
 from flash_jax.models import discriminator as disc_lib
 from flash_jax.pipeline import T2I
-from flash_jax.train import checkpoint
 
 if TYPE_CHECKING:  # ml_collections is only a type here: GPU boxes without it can import this
     import ml_collections
@@ -244,35 +247,30 @@ def make(config: ml_collections.ConfigDict) -> Method:
     discriminator = disc_lib.Discriminator(width=ifc.disc_width)
     adversarial = ifc.adv_weight > 0
 
-    def prepare_batch(raw: dict) -> dict:
-        return {"image": np.asarray(raw["image"]), "tokens": tokenizer(list(raw["caption"]))}
-
-    def load_teacher() -> dict[str, Any]:
-        teacher = checkpoint.load_params(config.teacher_workdir)
-        return model.check(teacher, f"teacher {config.teacher_workdir}")
+    prepare_batch = functools.partial(pipeline.prepare_batch, tokenizer=tokenizer, model=model)
+    # Memoised: init, init_discriminator and load_frozen all need the teacher (GBs at SD scale).
+    load_teacher = functools.cache(lambda: pipeline.load_teacher(config, model))
+    load_vae = functools.cache(lambda: pipeline.load_autoencoder(config, model))
 
     def load_frozen() -> dict[str, Any]:
-        return {
-            "teacher": load_teacher(),
-            "vae": checkpoint.load_params(config.autoencoder_workdir),
-        }
+        return {"teacher": load_teacher(), "vae": load_vae()}
 
     def init(rng: Array) -> dict[str, Any]:
         del rng  # the student starts as the teacher
         return {"unet": load_teacher()["unet"]}
 
-    def conditioning(frozen, tokens):
-        context, pooled = model.encode_text_pooled(frozen["teacher"]["text"], tokens)
-        uncond = model.encode_text(
-            frozen["teacher"]["text"], jnp.broadcast_to(empty_tokens, tokens.shape)
-        )
+    def conditioning(frozen, batch):
+        text_params = frozen["teacher"]["text"]
+        context, pooled = model.conditioning(text_params, batch)
+        b = batch["tokens"].shape[0]
+        uncond, _ = model.uncond_conditioning(text_params, jnp.asarray(empty_tokens), b)
         return context, pooled, uncond
 
     def student_input(params, frozen, batch, rng, context):
         """(x_t, t): per sample a student step count N and a rollout depth i < N, t = s_i."""
         k_T, k_n, k_i, k_lat = jax.random.split(rng, 4)
         b = batch["tokens"].shape[0]
-        x_T = jax.random.normal(k_T, model.latent_shape(b, batch["image"].shape[1]))
+        x_T = jax.random.normal(k_T, model.batch_latent_shape(batch))
         which = jax.random.randint(k_n, (b,), 0, len(steps))
         i = jnp.floor(jax.random.uniform(k_i, (b,)) * jnp.asarray(steps)[which]).astype(jnp.int32)
         t = jnp.asarray(ts_table)[which, i]
@@ -281,7 +279,7 @@ def make(config: ml_collections.ConfigDict) -> Method:
                 model, params["unet"], x_T, plans, which, i, context, ifc.rollout_noise_correction
             )
         else:
-            x0_real = model.to_latents(frozen["vae"], batch["image"], k_lat)
+            x0_real = model.batch_latents(frozen["vae"], batch, k_lat)
             alpha, sigma = (_bcast(v) for v in schedule.alpha_sigma(t))
             x_t = diffusion.add_noise(x0_real, x_T, alpha, sigma)
         return x_t, t
@@ -293,7 +291,7 @@ def make(config: ml_collections.ConfigDict) -> Method:
 
     def generator_loss(params, frozen, batch, rng, disc_params=None):
         k_student, k_srl, k_adv = jax.random.split(rng, 3)
-        context, pooled, uncond = conditioning(frozen, batch["tokens"])
+        context, pooled, uncond = conditioning(frozen, batch)
         x_t, t = student_input(params, frozen, batch, k_student, context)
         x0_student = student_estimate(model, params["unet"], x_t, t, context)
         x0_teacher, t_phi = srl_target(
@@ -315,7 +313,7 @@ def make(config: ml_collections.ConfigDict) -> Method:
     def init_discriminator(rng: Array) -> Any:
         frozen = load_frozen()
         x = jnp.zeros(model.latent_shape(1, config.data.image_size))
-        context, pooled, _ = conditioning(frozen, jnp.asarray(empty_tokens)[None])
+        context, pooled, _ = conditioning(frozen, {"tokens": jnp.asarray(empty_tokens)[None]})
         _, features = model.apply_unet(
             frozen["teacher"]["unet"], x, jnp.zeros((1,)), context, return_features=True
         )
@@ -323,16 +321,15 @@ def make(config: ml_collections.ConfigDict) -> Method:
 
     def discriminator_loss(disc_params, fake, frozen, batch, rng):
         k_real, k_fake, k_lat = jax.random.split(rng, 3)
-        context, pooled, _ = conditioning(frozen, batch["tokens"])
-        real = model.to_latents(frozen["vae"], batch["image"], k_lat)
+        context, pooled, _ = conditioning(frozen, batch)
+        real = model.batch_latents(frozen["vae"], batch, k_lat)
         real_logits = disc_logits(disc_params, frozen, real, context, pooled, k_real)
         fake_logits = disc_logits(disc_params, frozen, fake, context, pooled, k_fake)
         loss = disc_lib.hinge_discriminator_loss(real_logits, fake_logits)
         return loss, {"real": jnp.mean(real_logits), "fake": jnp.mean(fake_logits)}
 
     def sample(params, frozen, batch, rng):
-        b = batch["tokens"].shape[0]
-        x_T = jax.random.normal(rng, model.latent_shape(b, batch["image"].shape[1]))
+        x_T = jax.random.normal(rng, model.batch_latent_shape(batch))
         student = {"unet": params["unet"], "text": frozen["teacher"]["text"]}
         uncond = jnp.broadcast_to(empty_tokens, batch["tokens"].shape)
         return model.generate(student, frozen["vae"], batch["tokens"], uncond, x_T, grid_cfg)

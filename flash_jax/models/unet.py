@@ -124,6 +124,7 @@ class UNetConfig:
         set_("block_out_channels", tuple(self.block_out_channels))
         set_("down_block_types", tuple(self.down_block_types))
         set_("up_block_types", tuple(self.up_block_types))
+        set_("upcast_attention", bool(self.upcast_attention))  # config.json files say null or false
         for key in (
             "layers_per_block",
             "cross_attention_dim",

@@ -44,23 +44,10 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
 
 
 def make_data(config: ml_collections.ConfigDict, batch_size: int, split: str = "train"):
-    """The per-host Grain iterator for `config.data` (see `sources.make_shapes_dataset`)."""
+    """The per-host Grain iterator for `config.data` (see `sources.make_dataset`)."""
     from flash_jax.data import sources  # grain + TFDS: only the data path needs them
 
-    if config.source != "shapes":
-        raise ValueError(f"config.data.source={config.source!r}: only 'shapes' is available")
-    ds = sources.make_shapes_dataset(
-        config.data_dir or None,
-        split,
-        batch_size,
-        seed=config.shuffle_seed,
-        shard_index=None,
-        shard_count=None,
-        num_records=(config.num_records or None) if split == "train" else None,
-        image_size=config.image_size,
-        data_seed=config.seed,
-    )
-    return iter(ds)
+    return iter(sources.make_dataset(config, batch_size, split))
 
 
 def _check_batch_size(batch_size: int) -> None:

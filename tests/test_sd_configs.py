@@ -1,0 +1,163 @@
+"""configs/sd: each config parses and validates, its model dicts carry the published diffusers /
+transformers config.json values, and the models they describe have the published parameter
+counts — counted on our flax modules (abstractly) and on diffusers/transformers built from the same
+dicts (on the meta device: no memory, no weights)."""
+
+import jax
+import numpy as np
+import pytest
+
+from configs.sd import sd15_imagine_flash, sd21_imagine_flash, sdxl_imagine_flash
+from flash_jax import pipeline
+from flash_jax.methods.imagine_flash import ImagineFlashConfig
+from flash_jax.models import autoencoder, text, unet
+
+CONFIGS = {"sd15": sd15_imagine_flash, "sd21": sd21_imagine_flash, "sdxl": sdxl_imagine_flash}
+
+# Published values (the models' config.json files) that define each architecture.
+PUBLISHED = {
+    "sd15": {
+        "unet": dict(
+            block_out_channels=[320, 640, 1280, 1280],
+            cross_attention_dim=768,
+            attention_head_dim=8,
+            layers_per_block=2,
+            use_linear_projection=False,
+            sample_size=64,
+            down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+        ),
+        "text": dict(hidden_size=768, num_hidden_layers=12, hidden_act="quick_gelu"),
+        "autoencoder": dict(block_out_channels=[128, 256, 512, 512], scaling_factor=0.18215),
+        "prediction_type": "epsilon",
+        "image_size": 512,
+    },
+    "sd21": {
+        "unet": dict(
+            block_out_channels=[320, 640, 1280, 1280],
+            cross_attention_dim=1024,
+            attention_head_dim=[5, 10, 20, 20],
+            use_linear_projection=True,
+            upcast_attention=True,
+            sample_size=96,
+        ),
+        "text": dict(hidden_size=1024, num_hidden_layers=23, hidden_act="gelu", projection_dim=512),
+        "autoencoder": dict(block_out_channels=[128, 256, 512, 512], sample_size=768),
+        "prediction_type": "v_prediction",
+        "image_size": 768,
+    },
+    "sdxl": {
+        "unet": dict(
+            block_out_channels=[320, 640, 1280],
+            cross_attention_dim=2048,
+            attention_head_dim=[5, 10, 20],
+            transformer_layers_per_block=[1, 2, 10],
+            addition_embed_type="text_time",
+            addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816,
+            use_linear_projection=True,
+            down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+            sample_size=128,
+        ),
+        "text": dict(hidden_size=768, num_hidden_layers=12, hidden_act="quick_gelu"),
+        "text_2": dict(
+            hidden_size=1280, num_hidden_layers=32, projection_dim=1280, hidden_act="gelu"
+        ),
+        "autoencoder": dict(scaling_factor=0.13025, sample_size=1024),
+        "prediction_type": "epsilon",
+        "image_size": 1024,
+    },
+}
+
+# Parameter counts of the released checkpoints.
+PUBLISHED_PARAMS = {
+    "sd15": {"unet": 859_520_964, "text": 123_060_480, "autoencoder": 83_653_863},
+    "sd21": {"unet": 865_910_724, "text": 340_387_840, "autoencoder": 83_653_863},
+    "sdxl": {
+        "unet": 2_567_463_684,
+        "text": 123_060_480,
+        "text_2": 694_659_840,
+        "autoencoder": 83_653_863,
+    },
+}
+
+
+def count(tree) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_model_dicts_carry_the_published_values(name):
+    config = CONFIGS[name].get_config()
+    expected = PUBLISHED[name]
+    for part in ("unet", "text", "text_2", "autoencoder"):
+        for key, value in expected.get(part, {}).items():
+            assert config.model[part][key] == value, (name, part, key)
+    assert ("text_2" in config.model) == (name == "sdxl")
+    assert config.schedule.prediction_type == expected["prediction_type"]
+    assert config.data.image_size == expected["image_size"]
+    assert config.model.force_zeros_for_empty_prompt == (name == "sdxl")
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("variant", ["", "tpu_v5e_8", "gpu_8xh100", "all", "1"])
+def test_configs_parse_and_validate(name, variant):
+    config = CONFIGS[name].get_config(variant)
+    model = pipeline.T2I.from_config(config)  # cross-attention width, SDXL text_time sizes
+    assert model.unet.dtype == np.dtype("bfloat16") and model.unet.remat
+    assert model.latent_shape(1, config.data.image_size)[1] == config.model.unet.sample_size
+    ImagineFlashConfig(**config.imagine_flash.to_dict())
+    assert config.data.source == "cache" and config.data.data_dir == ""
+    assert config.model.pretrained == ""  # the one path users must give
+    assert set(config.mesh) == {"data", "fsdp", "tensor"}
+    assert config.batch_size % 8 == 0  # the presets' 8 devices
+    sharded = variant == "tpu_v5e_8" or (variant == "gpu_8xh100" and name == "sdxl")
+    assert (config.mesh.fsdp == -1) == sharded
+    with pytest.raises(ValueError, match=r"model\.pretrained.*teacher_workdir"):
+        pipeline.load_teacher(config, model)
+
+
+def test_unknown_variant_is_an_error():
+    with pytest.raises(ValueError, match="unknown variants"):
+        sd15_imagine_flash.get_config("v100")
+
+
+def _flax_counts(config) -> dict[str, int]:
+    key = jax.random.key(0)
+    u = unet.UNetConfig.from_diffusers(config.model.unet.to_dict())
+    out = {"unet": count(jax.eval_shape(lambda: unet.init_params(u, key, sample_size=8)))}
+    for part in ("text", "text_2"):
+        if part in config.model:
+            t = text.CLIPTextConfig.from_transformers(config.model[part].to_dict())
+            init = lambda t=t, p=part: text.init_params(t, key, with_projection=p == "text_2")  # noqa: E731
+            out[part] = count(jax.eval_shape(init))
+    a = autoencoder.AutoencoderConfig.from_diffusers(config.model.autoencoder.to_dict())
+    out["autoencoder"] = count(jax.eval_shape(lambda: autoencoder.init_params(a, key)))
+    return out
+
+
+def _torch_counts(config) -> dict[str, int]:
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    transformers = pytest.importorskip("transformers")
+    n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    out = {}
+    with torch.device("meta"):
+        out["unet"] = n(diffusers.UNet2DConditionModel(**config.model.unet.to_dict()))
+        for part, cls in (
+            ("text", transformers.CLIPTextModel),
+            ("text_2", transformers.CLIPTextModelWithProjection),
+        ):
+            if part in config.model:
+                d = {k: v for k, v in config.model[part].to_dict().items() if k != "model_type"}
+                out[part] = n(cls(transformers.CLIPTextConfig(**d)))
+        out["autoencoder"] = n(diffusers.AutoencoderKL(**config.model.autoencoder.to_dict()))
+    return out
+
+
+@pytest.mark.slow  # traces three full-size UNets abstractly (~20 s here)
+@pytest.mark.parametrize("name", CONFIGS)
+def test_parameter_counts_match_diffusers_and_the_releases(name):
+    config = CONFIGS[name].get_config()
+    ours = _flax_counts(config)
+    assert ours == _torch_counts(config)
+    assert ours == PUBLISHED_PARAMS[name]
