@@ -66,7 +66,11 @@ def make_jobs(
         configs[f"teacher {n} CFG"] = sampling.SamplerConfig(
             num_steps=n, guidance_scale=guidance_scale
         )
-    jobs = {}
+    # Encode and decode first: cheap, and the end-to-end figures need them.
+    jobs = {
+        "text encode": Job(functools.partial(encode, params["text"], tokens)),
+        "vae decode": Job(functools.partial(decode, vae_params, x_T)),
+    }
     for name, cfg in configs.items():
         guided = cfg.guidance_scale != 1
         call = functools.partial(
@@ -80,8 +84,6 @@ def make_jobs(
             uncond=uncond if guided else None,
         )
         jobs[name] = Job(call, cfg, cfg.num_steps * (2 if guided else 1))
-    jobs["text encode"] = Job(functools.partial(encode, params["text"], tokens))
-    jobs["vae decode"] = Job(functools.partial(decode, vae_params, x_T))
     return jobs
 
 
