@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import time
 
 import jax
@@ -62,10 +61,10 @@ def main() -> None:
     method = ifl.make(config)
     tx = loop.make_optimizer(config.optimizer)
     disc_tx = loop.make_optimizer(config.disc_optimizer)
-    build = functools.partial(common.imagine_flash_state, config, method, tx, disc_tx)
-    state = jax.jit(build)(k_state, teacher, vae)
-    frozen = common.imagine_flash_frozen(config, method, teacher, vae)
-    batch = jax.device_put(common.imagine_flash_batch(method, args.batch, config.data.image_size))
+    state = common.imagine_flash_state(config, tx, disc_tx, k_state, teacher, vae)
+    frozen = common.imagine_flash_frozen(config, teacher, vae)
+    size = config.data.image_size
+    batch = jax.device_put(common.imagine_flash_batch(method, model, args.batch, size))
     step = step_lib.make_train_step(method, tx, ema_decay=config.ema_decay, disc_tx=disc_tx)
     peak = common.matmul_peak(args.peak_n, iters=10, dtype=jnp.float32)
     counted_once = common.loops_counted_once()
@@ -95,7 +94,7 @@ def main() -> None:
     scans = {"rollout": (rollout_trips, fwd), "solve": (ifc.teacher_steps, 2 * fwd)}
     rows["fused step"]["flops"] = corrected(common.flops_of(compiled), scans.values(), counted_once)
 
-    fresh = jax.jit(build)(k_state, teacher, vae)  # the fused step donated `state`
+    fresh = common.imagine_flash_state(config, tx, disc_tx, k_state, teacher, vae)  # donated
     pieces = parts(
         model, ifc, method, tx, disc_tx, config, fresh, teacher, frozen, batch, k_parts, scans
     )
@@ -165,10 +164,9 @@ def parts(model, ifc, method, tx, disc_tx, config, state, teacher, frozen, batch
     """name -> (function, arguments, scans inside it as (trips, FLOPs per trip)) for every piece
     of the fused step, on the inputs the fused step sees."""
     b = batch["tokens"].shape[0]
-    tokens = jnp.asarray(batch["tokens"])
-    empty = jnp.broadcast_to(jnp.asarray(model.tokenizer()([""])[0]), tokens.shape)
-    context, pooled = model.encode_text_pooled(teacher["text"], tokens)
-    uncond = model.encode_text(teacher["text"], empty)
+    empty = jnp.asarray(model.tokenizer()([""])[0])
+    context, pooled = model.conditioning(teacher["text"], batch)
+    uncond, _ = model.uncond_conditioning(teacher["text"], empty, b)
     steps = ifc.student_steps
     plans, ts = ifl.student_plans(model.schedule, steps, ifc.rollout_noise_correction)
     x_T = jax.random.normal(rng, model.latent_shape(b, config.data.image_size))
@@ -178,7 +176,10 @@ def parts(model, ifc, method, tx, disc_tx, config, state, teacher, frozen, batch
     student = jax.tree.map(jnp.copy, teacher["unet"])
     out = {
         "text conditioning": (
-            lambda text: (model.encode_text_pooled(text, tokens), model.encode_text(text, empty)),
+            lambda text: (
+                model.conditioning(text, batch),
+                model.uncond_conditioning(text, empty, b),
+            ),
             (teacher["text"],),
             (),
         ),
