@@ -345,7 +345,8 @@ def imagine_flash_state(
     disc = None
     if method.init_discriminator is not None:
         disc = jax.jit(functools.partial(imagine_flash_disc, config))(rng, teacher, vae)
-    return state_lib.init_state(params, tx, rng, disc, disc_tx if disc is not None else None)
+    own_rng = jax.device_put(rng, may_alias=False)  # the step donates its state, key included
+    return state_lib.init_state(params, tx, own_rng, disc, disc_tx if disc is not None else None)
 
 
 def imagine_flash_batch(
