@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import functools
 import json
 import os
@@ -24,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from flash_jax import methods
+from flash_jax import methods, sampling
 from flash_jax.methods import Method
 from flash_jax.models import autoencoder
 from flash_jax.pipeline import T2I
@@ -238,8 +239,16 @@ def sd15_config(
         prediction_type="epsilon",
     )
     optimizer = dict(
-        learning_rate=1e-5, warmup_steps=1, grad_clip=1.0, b1=0.9, b2=0.999, weight_decay=0.0
+        learning_rate=1e-5,
+        warmup_steps=1,
+        grad_clip=1.0,
+        b1=0.9,
+        b2=0.999,
+        eps=1e-8,
+        weight_decay=0.0,
     )
+    # The student's sampler (grids, evaluation), as configs/sd/common.py sets it.
+    sample = sampling.SamplerConfig(num_steps=max(student_steps), noise_correction=True)
     return Config(
         method="imagine_flash",
         batch_size=batch_size,
@@ -270,6 +279,7 @@ def sd15_config(
             disc_width=64 if not tiny else 8,
             disc_t_max=750,
         ),
+        sample=dataclasses.asdict(sample),
     )
 
 
@@ -320,13 +330,6 @@ def imagine_flash_frozen(config: Any, teacher: Any, vae: Any) -> Any:
         return methods.get(config.method)(config).load_frozen()
 
 
-def imagine_flash_disc(config: Any, rng: jax.Array, teacher: Any, vae: Any) -> Any:
-    """The method's `init_discriminator(rng)` on the in-memory frozen models (traceable; jit it:
-    the teacher pass it runs only fixes feature shapes, so XLA drops it)."""
-    with frozen_in_memory(_frozen_paths(config, teacher, vae)):
-        return methods.get(config.method)(config).init_discriminator(rng)
-
-
 def imagine_flash_state(
     config: Any,
     tx: optax.GradientTransformation,
@@ -336,15 +339,16 @@ def imagine_flash_state(
     vae: Any,
 ) -> state_lib.TrainState:
     """The Imagine Flash TrainState at step 0 (student = a copy of the teacher, fresh
-    discriminator), built by the method's own `init` / `init_discriminator` from the frozen
-    `teacher` / `vae` trees. Call it on arrays (the student gets fresh buffers: the step donates
-    its state), or `jax.eval_shape` it on `jax.ShapeDtypeStruct`s for an abstract state."""
+    discriminator), built by the method's own `init` (from the in-memory `teacher` / `vae` trees)
+    and `init_discriminator` (which reads no weights: the heads' input shapes come from abstract
+    teacher features). Call it on arrays (the student gets fresh buffers: the step donates its
+    state), or `jax.eval_shape` it on `jax.ShapeDtypeStruct`s for an abstract state."""
     with frozen_in_memory(_frozen_paths(config, teacher, vae)):
         method = methods.get(config.method)(config)  # fresh: its loaders memoise
         params = jax.device_put(method.init(rng), may_alias=False)
     disc = None
     if method.init_discriminator is not None:
-        disc = jax.jit(functools.partial(imagine_flash_disc, config))(rng, teacher, vae)
+        disc = jax.jit(method.init_discriminator)(rng)
     own_rng = jax.device_put(rng, may_alias=False)  # the step donates its state, key included
     return state_lib.init_state(params, tx, own_rng, disc, disc_tx if disc is not None else None)
 

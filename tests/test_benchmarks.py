@@ -8,9 +8,11 @@ import pytest
 
 from benchmarks import common
 from configs.sd import common as sd_common
+from configs.sd import sd15_imagine_flash
+from flash_jax.methods import imagine_flash as ifl
 from flash_jax.models import autoencoder, text, unet
 from flash_jax.pipeline import T2I
-from flash_jax.train import checkpoint
+from flash_jax.train import checkpoint, loop
 
 
 def test_sd15_config_is_the_published_sd15():
@@ -26,6 +28,22 @@ def test_sd15_config_is_the_published_sd15():
     want_vae = autoencoder.AutoencoderConfig.from_diffusers(sd_common.sd_vae(sample_size=512))
     assert model.autoencoder == want_vae
     assert model.max_length == 77
+
+
+@pytest.mark.parametrize("field", ["optimizer", "disc_optimizer", "imagine_flash", "sample"])
+def test_sd15_config_has_the_fields_of_configs_sd(field):
+    """The copy has every field the SD1.5 config gives the method and the optimizers (a field
+    added on main, e.g. optimizer.eps or sample, would otherwise break only the GPU run)."""
+    got = common.sd15_config(tiny=True)[field]
+    assert set(got) == set(sd15_imagine_flash.get_config()[field].to_dict())
+
+
+def test_sd15_config_builds_the_method_and_its_optimizers():
+    config = common.sd15_config(tiny=True)
+    method = ifl.make(config)
+    assert method.init_discriminator is not None and method.generate is not None
+    loop.make_optimizer(config.optimizer)
+    loop.make_optimizer(config.disc_optimizer)
 
 
 def test_config_reads_like_a_config_dict():
