@@ -6,14 +6,16 @@ Random weights (teacher = student at init, random VAE): timing does not depend o
 fused step is the trainer's one compiled program (flash_jax/train/step.py), run on a chained,
 donated state. The parts, each jitted alone on the same inputs, are everything that program does:
 
-  text conditioning        the frozen text encoder: prompt (hidden states + pooled) and empty prompt
+  text conditioning        the frozen text encoder: prompt (context + pooled) and empty prompt
+                           (methods/common.conditioning)
   rollout (no grad)        the student's own sampler from x_T to x_t (imagine_flash.rollout)
   student fwd+bwd          x̂0^Θ and its gradient w.r.t. the student UNet
   teacher k-step CFG solve the SRL target (imagine_flash.srl_target)
   adversarial pass (G)     D on the re-noised x̂0^Θ through the frozen teacher's features, fwd and
-                           bwd to x̂0^Θ (imagine_flash.discriminator_logits)
-  discriminator update     the discriminator loss and its gradient (VAE encoding of the real
-                           images, teacher features of real and fake, the heads)
+                           bwd to x̂0^Θ (methods/common.LatentDiscriminator.generator_loss)
+  discriminator update     the method's discriminator loss and its gradient w.r.t. the heads (text
+                           conditioning, VAE encoding of the real images, teacher features of
+                           real and fake)
   optimizers + EMA         the same trainer step with zero-cost losses: AdamW on G and D, the EMA,
                            gradient norms and the finiteness check
 
@@ -36,8 +38,8 @@ import jax.numpy as jnp
 from benchmarks import common
 from benchmarks import sampling as sampling_bench
 from configs.shapes import imagine_flash as if_config
+from flash_jax.methods import common as methods_common
 from flash_jax.methods import imagine_flash as ifl
-from flash_jax.models import discriminator as disc_lib
 from flash_jax.pipeline import T2I
 from flash_jax.train import loop
 from flash_jax.train import step as step_lib
@@ -164,9 +166,8 @@ def parts(model, ifc, method, tx, disc_tx, config, state, teacher, frozen, batch
     """name -> (function, arguments, scans inside it as (trips, FLOPs per trip)) for every piece
     of the fused step, on the inputs the fused step sees."""
     b = batch["tokens"].shape[0]
-    empty = jnp.asarray(model.tokenizer()([""])[0])
-    context, pooled = model.conditioning(teacher["text"], batch)
-    uncond, _ = model.uncond_conditioning(teacher["text"], empty, b)
+    empty = model.tokenizer()([""])[0]
+    context, pooled, uncond = methods_common.conditioning(model, teacher["text"], batch, empty)
     steps = ifc.student_steps
     plans, ts = ifl.student_plans(model.schedule, steps, ifc.rollout_noise_correction)
     x_T = jax.random.normal(rng, model.latent_shape(b, config.data.image_size))
@@ -176,10 +177,7 @@ def parts(model, ifc, method, tx, disc_tx, config, state, teacher, frozen, batch
     student = jax.tree.map(jnp.copy, teacher["unet"])
     out = {
         "text conditioning": (
-            lambda text: (
-                model.conditioning(text, batch),
-                model.uncond_conditioning(text, empty, b),
-            ),
+            lambda text: methods_common.conditioning(model, text, batch, empty),
             (teacher["text"],),
             (),
         ),
@@ -201,10 +199,11 @@ def parts(model, ifc, method, tx, disc_tx, config, state, teacher, frozen, batch
     }
     if method.discriminator_loss is not None:
         disc = state.disc_params
+        # The discriminator `ifl.make` builds: same heads, same re-noising range.
+        discriminator = methods_common.LatentDiscriminator(model, ifc.disc_width, ifc.disc_t_max)
 
         def adversarial(x0, d, teacher_unet):
-            logits = ifl.discriminator_logits(model, ifc, d, teacher_unet, x0, context, pooled, rng)
-            return disc_lib.hinge_generator_loss(logits)
+            return discriminator.generator_loss(d, teacher_unet, x0, context, pooled, rng)[0]
 
         out["adversarial pass (G)"] = (jax.grad(adversarial), (x_T, disc, teacher["unet"]), ())
         out["discriminator update"] = (
