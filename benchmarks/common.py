@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import functools
 import json
 import os
@@ -24,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from flash_jax import methods, sampling
 from flash_jax.methods import Method
 from flash_jax.models import autoencoder
 from flash_jax.pipeline import T2I
@@ -159,32 +161,43 @@ def device_peak_bytes() -> int | None:
 def sd15_config(
     *,
     tiny: bool = False,
-    dtype: Any = jnp.bfloat16,
+    dtype: str = "bfloat16",
+    param_dtype: str = "bfloat16",
     remat: bool = True,
     batch_size: int = 8,
     student_steps: tuple[int, ...] = (3,),
     teacher_steps: int = 2,
     guidance_scale: float = 7.5,
 ) -> Config:
-    """An Imagine Flash training config at Stable Diffusion 1.5 size (random weights): diffusers'
-    SD1.5 UNet (320/640/1280/1280, cross-attention 768, 8 heads, 64×64×4 latents), a CLIP
-    ViT-L/14-size text encoder (77 tokens, fp32: frozen and small), the SD VAE (512×512 images).
+    """An Imagine Flash training config at Stable Diffusion 1.5 size for random weights: the
+    published SD1.5 UNet, CLIP ViT-L/14 text encoder and SD VAE of configs/sd/common.py (copied as
+    plain dicts, since that module needs ml_collections; tests/test_benchmarks.py checks that they
+    parse to the same models), 512×512 images, 64×64×4 latents, 77 tokens.
     `tiny`: the same structure at toy width (16×16 images, 8×8 latents) for CPU smoke tests.
-    `dtype` is the UNet's and the VAE's parameter and compute dtype."""
+    `dtype`: compute dtype of the UNet and text encoder (`config.model.dtype`) and of the VAE;
+    `param_dtype`: parameter dtype of the UNet and the VAE."""
     if tiny:
-        unet_channels, heads, cross, groups = (32, 64), 2, 32, 8
+        unet_channels, heads, cross, groups, layers = (32, 64), 2, 32, 8, 1
         down = ["CrossAttnDownBlock2D", "DownBlock2D"]
         up = ["UpBlock2D", "CrossAttnUpBlock2D"]
         text = dict(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            projection_dim=32,
         )
         vae_channels, vae_layers, image_size = (8, 16), 1, 16
     else:
-        unet_channels, heads, cross, groups = (320, 640, 1280, 1280), 8, 768, 32
+        unet_channels, heads, cross, groups, layers = (320, 640, 1280, 1280), 8, 768, 32, 2
         down = ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]
         up = ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3
         text = dict(
-            hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            projection_dim=768,
         )
         vae_channels, vae_layers, image_size = (128, 256, 512, 512), 2, 512
     unet = dict(
@@ -192,17 +205,19 @@ def sd15_config(
         down_block_types=down,
         up_block_types=up,
         block_out_channels=list(unet_channels),
-        layers_per_block=2 if not tiny else 1,
+        layers_per_block=layers,
         attention_head_dim=heads,
         cross_attention_dim=cross,
         norm_num_groups=groups,
-        dtype=dtype,
-        param_dtype=dtype,
-        remat=remat,
+        param_dtype=jnp.dtype(param_dtype),
     )
-    # The testbed's word tokenizer stands in for CLIP's BPE: token ids only index the embedding.
-    text |= dict(vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu")
-    text["eos_token_id"] = 3  # the word tokenizer's <eos>
+    text |= dict(
+        vocab_size=49408,
+        max_position_embeddings=77,
+        hidden_act="quick_gelu",
+        eos_token_id=2,  # transformers' legacy rule: pool at the largest id
+        layer_norm_eps=1e-5,
+    )
     autoencoder = dict(
         down_block_types=["DownEncoderBlock2D"] * len(vae_channels),
         up_block_types=["UpDecoderBlock2D"] * len(vae_channels),
@@ -212,8 +227,8 @@ def sd15_config(
         norm_num_groups=min(32, vae_channels[0]),
         sample_size=image_size,
         scaling_factor=0.18215,
-        dtype=dtype,
-        param_dtype=dtype,
+        dtype=jnp.dtype(dtype),
+        param_dtype=jnp.dtype(param_dtype),
     )
     schedule = dict(
         beta_schedule="scaled_linear",
@@ -224,13 +239,21 @@ def sd15_config(
         prediction_type="epsilon",
     )
     optimizer = dict(
-        learning_rate=1e-5, warmup_steps=1, grad_clip=1.0, b1=0.9, b2=0.999, weight_decay=0.0
+        learning_rate=1e-5,
+        warmup_steps=1,
+        grad_clip=1.0,
+        b1=0.9,
+        b2=0.999,
+        eps=1e-8,
+        weight_decay=0.0,
     )
+    # The student's sampler (grids, evaluation), as configs/sd/common.py sets it.
+    sample = sampling.SamplerConfig(num_steps=max(student_steps), noise_correction=True)
     return Config(
         method="imagine_flash",
         batch_size=batch_size,
         ema_decay=0.999,
-        model=dict(unet=unet, text=text, autoencoder=autoencoder),
+        model=dict(unet=unet, text=text, autoencoder=autoencoder, dtype=dtype, remat=remat),
         schedule=schedule,
         data=dict(image_size=image_size),
         teacher_workdir="memory://teacher",
@@ -256,12 +279,27 @@ def sd15_config(
             disc_width=64 if not tiny else 8,
             disc_t_max=750,
         ),
+        sample=dataclasses.asdict(sample),
     )
 
 
 def init_autoencoder(model: T2I, rng: jax.Array) -> Any:
-    """Random VAE params for `model` (jitted init: no eager op-by-op dispatch at SD size)."""
+    """Random VAE params for `model` with the model's own init (jitted)."""
     return jax.jit(functools.partial(autoencoder.init_params, model.autoencoder))(rng)
+
+
+def random_like(abstract: Any, seed: int, std: float = 0.02) -> Any:
+    """Arrays shaped like the `jax.ShapeDtypeStruct` tree `abstract`, N(0, std²), drawn on the
+    host and copied to the device. For speed measurements at SD size, where compiling the models'
+    own init (one program per model, hundreds of distinct kernels) costs minutes on a GPU and the
+    values do not change the cost of any later computation."""
+    rng = np.random.default_rng(seed)
+
+    def draw(leaf):
+        values = rng.standard_normal(leaf.shape, np.float32) * np.float32(std)
+        return jax.device_put(values.astype(leaf.dtype))
+
+    return jax.tree.map(draw, abstract)
 
 
 @contextlib.contextmanager
@@ -281,41 +319,58 @@ def frozen_in_memory(trees: dict[str, Any]) -> Iterator[None]:
         checkpoint.load_params = original
 
 
+def _frozen_paths(config: Any, teacher: Any, vae: Any) -> dict[str, Any]:
+    return {str(config.teacher_workdir): teacher, str(config.autoencoder_workdir): vae}
+
+
+def imagine_flash_frozen(config: Any, teacher: Any, vae: Any) -> Any:
+    """The method's `load_frozen()` served from the in-memory `teacher` / `vae` trees."""
+    with frozen_in_memory(_frozen_paths(config, teacher, vae)):
+        # A fresh method each time: its loaders memoise what they return.
+        return methods.get(config.method)(config).load_frozen()
+
+
 def imagine_flash_state(
     config: Any,
-    method: Method,
     tx: optax.GradientTransformation,
     disc_tx: optax.GradientTransformation,
     rng: jax.Array,
     teacher: Any,
     vae: Any,
 ) -> state_lib.TrainState:
-    """The Imagine Flash TrainState at step 0 (student = teacher, fresh discriminator), built by
-    the method's own `init` / `init_discriminator` from the frozen `teacher` / `vae` trees.
-    Traceable: `jax.jit` it for arrays (the outputs are fresh buffers, safe to donate), or
-    `jax.eval_shape` it on `jax.ShapeDtypeStruct`s for an abstract state (no weights)."""
+    """The Imagine Flash TrainState at step 0 (student = a copy of the teacher, fresh
+    discriminator), built by the method's own `init` (from the in-memory `teacher` / `vae` trees)
+    and `init_discriminator` (which reads no weights: the heads' input shapes come from abstract
+    teacher features). Call it on arrays (the student gets fresh buffers: the step donates its
+    state), or `jax.eval_shape` it on `jax.ShapeDtypeStruct`s for an abstract state."""
     with frozen_in_memory(_frozen_paths(config, teacher, vae)):
-        params = method.init(rng)
-        disc = method.init_discriminator(rng) if method.init_discriminator else None
-    return state_lib.init_state(params, tx, rng, disc, disc_tx if disc is not None else None)
+        method = methods.get(config.method)(config)  # fresh: its loaders memoise
+        params = jax.device_put(method.init(rng), may_alias=False)
+    disc = None
+    if method.init_discriminator is not None:
+        disc = jax.jit(method.init_discriminator)(rng)
+    own_rng = jax.device_put(rng, may_alias=False)  # the step donates its state, key included
+    return state_lib.init_state(params, tx, own_rng, disc, disc_tx if disc is not None else None)
 
 
-def imagine_flash_frozen(config: Any, method: Method, teacher: Any, vae: Any) -> Any:
-    """`method.load_frozen()` served from the in-memory `teacher` / `vae` trees."""
-    with frozen_in_memory(_frozen_paths(config, teacher, vae)):
-        return method.load_frozen()
-
-
-def _frozen_paths(config: Any, teacher: Any, vae: Any) -> dict[str, Any]:
-    return {str(config.teacher_workdir): teacher, str(config.autoencoder_workdir): vae}
-
-
-def imagine_flash_batch(method: Method, batch_size: int, image_size: int) -> dict[str, Any]:
-    """A prepared batch of black images with one caption (content does not change the cost)."""
-    raw = {
-        "image": np.zeros((batch_size, image_size, image_size, 3), np.uint8),
-        "caption": ["a red circle and a blue square"] * batch_size,
-    }
+def imagine_flash_batch(
+    method: Method, model: T2I, batch_size: int, image_size: int, cached: bool = False
+) -> dict[str, Any]:
+    """A prepared batch (content does not change the cost): black images and one caption, or with
+    `cached` what the latent cache (flash_jax/data/cache.py) feeds an SD run instead of images:
+    float16 VAE posterior mean/std and prompt embeddings, so neither the VAE encoder nor the text
+    encoder runs in the step."""
+    b = batch_size
+    raw: dict[str, Any] = {"caption": ["a red circle and a blue square"] * b}
+    if cached:
+        h, w, c = model.latent_shape(b, image_size)[1:]
+        d = model.unet.cross_attention_dim[0]
+        raw["latent_mean"] = np.zeros((b, h, w, c), np.float16)
+        raw["latent_std"] = np.full((b, h, w, c), 0.1, np.float16)
+        raw["prompt_embeds"] = np.zeros((b, model.max_length, d), np.float16)
+        raw["pooled_prompt_embeds"] = np.zeros((b, model.text.hidden_size), np.float16)
+    else:
+        raw["image"] = np.zeros((b, image_size, image_size, 3), np.uint8)
     return method.prepare_batch(raw)
 
 

@@ -1,27 +1,34 @@
 """SD1.5-size sampling and Imagine Flash training step on one accelerator: images/s, MFU, memory.
 
-  python -m benchmarks.gpu               # H100/H200: about 4-6 minutes including compiles
-  python -m benchmarks.gpu --tiny        # toy widths, CPU smoke test in about a minute
+  python3 -m benchmarks.gpu              # H100/H200
+  python3 -m benchmarks.gpu --tiny       # toy widths, CPU smoke test
 
 Needs only jax, flax, optax, orbax and numpy (what the GPU machines have; no ml_collections,
-grain, TFDS or diffusers). Random weights, bf16 parameters and compute for the UNet and the VAE
-(the CLIP-size text encoder stays fp32), remat on. Sections, each guarded (an error is recorded in
-the JSON and the rest still runs; the JSON is rewritten after every section):
+grain, TFDS or diffusers). SD1.5's UNet, CLIP ViT-L/14 text encoder and VAE (common.sd15_config)
+with random N(0, 0.02²) weights drawn on the host (compiling the models' own init costs minutes on
+a GPU; the values do not change any cost), bf16 compute and parameters (--param-dtype float32 for
+the SD configs' mixed precision), remat on. Sections, each guarded (an error is recorded in the
+JSON and the rest still runs; the JSON is rewritten after every section):
 
-  peak      bf16 n×n matmul rate (median of --peak-iters) and device copy bandwidth;
-  sampling  flash_jax.sampling's compiled loop on the SD1.5 UNet: the student's 1/2/3-step DDIM
-            (unguided, noise correction) against the teacher's 25-step CFG DDIM (cond and uncond
-            batched), at --batch; text encoding and VAE decoding timed once and added for the
-            end-to-end figure; speedup against the ideal ratio of UNet evaluations per image;
-  train     the fused Imagine Flash step (flash_jax.train.step on methods/imagine_flash: student
-            rollout, student fwd/bwd, k-step teacher CFG solve, adversarial pass, discriminator
-            update, AdamW, EMA), student = teacher architecture: ms/step, lower and compile time,
-            FLOPs (XLA cost analysis, corrected for scan bodies counted once), MFU against the
-            measured peak, compiled memory analysis and the allocator's peak.
+  peak          n×n matmul rate in the compute dtype (median of --peak-iters), copy bandwidth;
+  unet forward  one UNet evaluation at --batch: latency and the FLOP count (XLA cost analysis of
+                the compiled program) that the sampler and step FLOPs are built from;
+  sampling      flash_jax.sampling's compiled loop: the student's 1/2/3-step DDIM (unguided, noise
+                correction) against the teacher's 25-step CFG DDIM (cond and uncond batched), at
+                --batch; text encoding and VAE decoding timed alone and added for the end-to-end
+                figure; speedup against the ideal ratio of UNet evaluations per image;
+  train         the fused Imagine Flash step (flash_jax.train.step on methods/imagine_flash:
+                student rollout, student fwd/bwd, k-step teacher CFG solve, adversarial pass,
+                discriminator update, AdamW, EMA), student = teacher architecture, on what the
+                latent cache feeds an SD run (latents and prompt embeddings; --images encodes
+                512² images in the step instead): ms/step, lower and compile time, FLOPs (cost
+                analysis, corrected for scan bodies counted once), MFU against the measured peak,
+                compiled memory analysis and the allocator's peak.
 
-All programs are compiled first (--compile-threads at once: XLA compiles release the GIL), then
-timed one after another with a fixed number of calls. Writes $OUT/gpu.json when $OUT is set, else
-benchmarks/results/gpu.json (or --out).
+Every program compiles on a thread pool as soon as it is known (XLA compiles release the GIL),
+timings run one after another with a fixed number of calls. Compiled programs go to a persistent
+cache (--cache-dir), so a rerun on the same machine skips compiling. Writes $OUT/gpu.json when
+$OUT is set, else benchmarks/results/gpu.json (or --out).
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import functools
 import time
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -56,13 +64,16 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--train-student-steps", default="3", help="imagine_flash.student_steps")
     p.add_argument("--k", type=int, default=2, help="imagine_flash.teacher_steps (solve steps)")
     p.add_argument("--no-remat", action="store_true", help="train without rematerialisation")
-    p.add_argument("--dtype", default=None, help="UNet/VAE params + compute (bfloat16; tiny fp32)")
+    p.add_argument("--dtype", default=None, help="compute dtype (bfloat16; tiny float32)")
+    p.add_argument("--param-dtype", default=None, help="UNet/VAE parameters (default: --dtype)")
+    p.add_argument("--images", action="store_true", help="train on images, not cached latents")
     p.add_argument("--iters", type=int, default=None, help="timed calls (default 5; tiny 2)")
     p.add_argument("--peak-n", type=int, default=None, help="matmul side (default 8192)")
     p.add_argument("--peak-iters", type=int, default=10)
     p.add_argument("--copy-mib", type=int, default=None, help="copy benchmark size (def. 1024)")
     p.add_argument("--matmul-precision", default="tensorfloat32", help="for the fp32 parts")
-    p.add_argument("--compile-threads", type=int, default=4, help="1 compiles one at a time")
+    p.add_argument("--compile-threads", type=int, default=8, help="1 compiles one at a time")
+    p.add_argument("--cache-dir", default="/tmp/flash_jax_xla_cache", help="'' disables")
     p.add_argument("--sections", default="peak,sampling,train")
     p.add_argument("--budget-s", type=float, default=None, help="skip timings after (def. 330)")
     p.add_argument("--out", default=None, help="JSON path (default $OUT/gpu.json)")
@@ -149,56 +160,41 @@ class Compiles:
 def main() -> None:
     args = parse_args()
     jax.config.update("jax_default_matmul_precision", args.matmul_precision)
+    cached_programs = 0
+    if args.cache_dir:  # a rerun on the same machine loads its programs instead of compiling
+        jax.config.update("jax_compilation_cache_dir", args.cache_dir)
+        cache = Path(args.cache_dir)
+        cached_programs = len(list(cache.iterdir())) if cache.is_dir() else 0
     print(jax.devices())
     run = Run(args)
+    run.results["compilation_cache"] = {"dir": args.cache_dir, "entries_at_start": cached_programs}
     if "peak" in args.sections:
         run.section("peak", lambda: peak_section(args))
     peak_tflops = (run.results.get("peak", {}).get("matmul") or {}).get("tflops")
 
     config = common.sd15_config(
         tiny=args.tiny,
-        dtype=jnp.dtype(args.dtype).type,
+        dtype=args.dtype,
+        param_dtype=args.param_dtype or args.dtype,
         remat=not args.no_remat,
         batch_size=args.batch,
         student_steps=args.train_student_steps,
         teacher_steps=args.k,
         guidance_scale=args.guidance,
     )
-    ctx: dict[str, Any] = {}
-
-    def setup() -> dict:
-        model = T2I.from_config(config)
-        k_model, k_vae, k_noise, k_state = jax.random.split(jax.random.PRNGKey(0), 4)
-        start = time.perf_counter()
-        teacher = jax.jit(model.init)(k_model)
-        vae = common.init_autoencoder(model, k_vae)
-        jax.block_until_ready((teacher, vae))
-        init_s = time.perf_counter() - start
-        x_T = jax.random.normal(k_noise, model.latent_shape(args.batch, config.data.image_size))
-        ctx.update(model=model, teacher=teacher, vae=vae, x_T=x_T, k_state=k_state)
-        ctx["unet_flops"] = sampling_bench.unet_flops(model, teacher["unet"], x_T)
-        count = lambda tree: int(sum(x.size for x in jax.tree.leaves(tree)))  # noqa: E731
-        return {
-            "init_s": init_s,
-            "unet_params": count(teacher["unet"]),
-            "text_params": count(teacher["text"]),
-            "vae_params": count(vae),
-            "unet_dtype": jnp.dtype(model.unet.param_dtype).name,
-            "latent_shape": list(ctx["x_T"].shape),
-            "unet_gflops_per_eval_batch": ctx["unet_flops"] / 1e9,
-            "scan_body_counted_once": common.loops_counted_once(),
-        }
-
-    setup_out = run.section("setup", setup)
-    if "error" in setup_out:
+    ctx: dict[str, Any] = {"config": config}
+    if "error" in run.section("setup", lambda: setup(args, ctx)):
         return
 
     compiles = Compiles(args.compile_threads)
+    model, teacher = ctx["model"], ctx["teacher"]
+    forward = sampling_bench.unet_forward_args(model, teacher["unet"], ctx["x_T"])
+    compiles.submit("unet forward", lambda: jax.jit(model.apply_unet).lower(*forward).compile())
     jobs: dict[str, sampling_bench.Job] = {}
     if "sampling" in args.sections:
         jobs = sampling_bench.make_jobs(
-            ctx["model"],
-            ctx["teacher"],
+            model,
+            teacher,
             ctx["vae"],
             ctx["x_T"],
             args.student_steps,
@@ -207,13 +203,13 @@ def main() -> None:
         )
         for name, job in jobs.items():
             compiles.submit(name, job.call)
-
     if "train" in args.sections:
         # Traced here while the sampling programs compile on the pool.
         run.section("train setup", lambda: prepare_train(args, config, ctx))
         if "lowered" in ctx:
             compiles.submit("train step", ctx.pop("lowered").compile)
 
+    run.section("unet forward", lambda: forward_section(run, compiles, forward, peak_tflops, ctx))
     if "sampling" in args.sections:
         run.section("sampling", lambda: sampling_section(run, jobs, compiles, peak_tflops, ctx))
     if "train step" in compiles.futures:
@@ -226,24 +222,77 @@ def main() -> None:
     print(f"\nwrote {run.path} ({run.elapsed():.0f} s)")
 
 
+def setup(args: argparse.Namespace, ctx: dict) -> dict:
+    """The model, random teacher (UNet + text encoder) and VAE weights, the initial noise."""
+    config = ctx["config"]
+    model = T2I.from_config(config)
+    key = jax.random.PRNGKey(0)
+    start = time.perf_counter()
+    teacher = common.random_like(jax.eval_shape(model.init, key), seed=0)
+    vae = common.random_like(
+        jax.eval_shape(functools.partial(common.init_autoencoder, model), key), seed=1
+    )
+    jax.block_until_ready((teacher, vae))
+    init_s = time.perf_counter() - start
+    x_T = jax.random.normal(key, model.latent_shape(args.batch, config.data.image_size))
+    ctx.update(model=model, teacher=teacher, vae=vae, x_T=x_T, key=key)
+    count = lambda tree: int(sum(x.size for x in jax.tree.leaves(tree)))  # noqa: E731
+    return {
+        "init_s": init_s,
+        "unet_params": count(teacher["unet"]),
+        "text_params": count(teacher["text"]),
+        "vae_params": count(vae),
+        "unet_param_dtype": jnp.dtype(model.unet.param_dtype).name,
+        "unet_compute_dtype": jnp.dtype(model.unet.dtype).name,
+        "latent_shape": list(x_T.shape),
+        "scan_body_counted_once": common.loops_counted_once(),
+    }
+
+
 def prepare_train(args: argparse.Namespace, config: common.Config, ctx: dict) -> dict:
     """The Imagine Flash method, state, frozen models and batch; lowers the fused step."""
-    teacher, vae = ctx["teacher"], ctx["vae"]
+    teacher, vae, model = ctx["teacher"], ctx["vae"], ctx["model"]
     method = ifl.make(config)
     tx = loop.make_optimizer(config.optimizer)
     disc_tx = loop.make_optimizer(config.disc_optimizer)
-    build = functools.partial(common.imagine_flash_state, config, method, tx, disc_tx)
-    state = jax.jit(build)(ctx["k_state"], teacher, vae)
-    frozen = common.imagine_flash_frozen(config, method, teacher, vae)
+    start = time.perf_counter()
+    state = common.imagine_flash_state(config, tx, disc_tx, ctx["key"], teacher, vae)
+    jax.block_until_ready(state)
+    state_s = time.perf_counter() - start
+    frozen = common.imagine_flash_frozen(config, teacher, vae)
     size = config.data.image_size
-    batch = jax.device_put(common.imagine_flash_batch(method, args.batch, size))
+    raw = common.imagine_flash_batch(method, model, args.batch, size, cached=not args.images)
+    batch = jax.device_put(raw)
     step = step_lib.make_train_step(method, tx, ema_decay=config.ema_decay, disc_tx=disc_tx)
     start = time.perf_counter()
     lowered = step_lib.compile_train_step(step).lower(state, frozen, batch)
     lower_s = time.perf_counter() - start
     ctx.update(state=state, frozen=frozen, batch=batch, lowered=lowered, lower_s=lower_s)
     count = lambda tree: int(sum(x.size for x in jax.tree.leaves(tree)))  # noqa: E731
-    return {"lower_s": lower_s, "disc_params": count(state.disc_params), "image_size": size}
+    return {
+        "state_s": state_s,
+        "lower_s": lower_s,
+        "disc_params": count(state.disc_params),
+        "batch_keys": sorted(batch),
+    }
+
+
+def forward_section(
+    run: Run, compiles: Compiles, forward: tuple, peak_tflops: float | None, ctx: dict
+) -> dict:
+    """One UNet evaluation at --batch: its FLOPs (XLA cost analysis of the compiled program) are
+    the unit of the samplers' and the step's FLOP counts."""
+    compiled = compiles.result("unet forward")
+    ctx["unet_flops"] = common.flops_of(compiled)
+    stats = common.timed(compiled, *forward, iters=run.args.iters)
+    tflops = ctx["unet_flops"] / (stats["median_ms"] * 1e-3) / 1e12
+    return {
+        "batch": run.args.batch,
+        "gflops": ctx["unet_flops"] / 1e9,
+        "latency_ms": stats["median_ms"],
+        "tflops": tflops,
+        "mfu": tflops / peak_tflops if peak_tflops else None,
+    }
 
 
 def sampling_section(
@@ -259,7 +308,7 @@ def sampling_section(
         jobs,
         batch=run.args.batch,
         iters=run.args.iters,
-        flops_per_eval=ctx["unet_flops"],
+        flops_per_eval=ctx.get("unet_flops", 0.0),
         peak_tflops=peak_tflops,
         ready=ready,
         over_budget=run.over_budget,
@@ -276,7 +325,7 @@ def train_section(run: Run, compiles: Compiles, peak_tflops: float | None, ctx: 
     raw_flops = common.flops_of(compiled)
     # Scans counted once: the rollout runs N_max − 1 student evaluations at batch B and the
     # teacher solve k evaluations at 2B (CFG); add the iterations the cost analysis missed.
-    fwd = ctx["unet_flops"]
+    fwd = ctx.get("unet_flops", 0.0)
     loops = [(max(args.train_student_steps) - 1, fwd), (args.k, 2 * fwd)]
     missed = sum((trips - 1) * body for trips, body in loops)
     flops = raw_flops + (missed if run.results["setup"]["scan_body_counted_once"] else 0.0)
@@ -294,6 +343,7 @@ def train_section(run: Run, compiles: Compiles, peak_tflops: float | None, ctx: 
     tflops = flops / (ms * 1e-3) / 1e12
     return {
         "batch": args.batch,
+        "cached_latents_and_embeddings": not args.images,
         "student_steps": list(args.train_student_steps),
         "teacher_solve_steps": args.k,
         "remat": not args.no_remat,

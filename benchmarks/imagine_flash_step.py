@@ -1,153 +1,231 @@
 """Cost of the fused Imagine Flash training step against its parts, on the Shapes testbed config.
 
-  python -m benchmarks.imagine_flash_step [--variant 3] [--batch 32] [--iters 5] [--out FILE]
+  python -m benchmarks.imagine_flash_step [--variant 3] [--batch 16] [--iters 5] [--out FILE]
 
-Random weights (teacher = student at init, random VAE): timing does not depend on training. Parts,
-each jitted alone: the student rollout (no grad), the student forward+backward on x̂0, the teacher
-k-step CFG solve, the discriminator update (its own side only: the generator's adversarial pass and
-the optimizer/EMA updates are not yet timed separately, so the parts undercount the step).
-Prints a table (ms per call, share of the sum) and the number of compiled executables of the fused
-step after several calls (must be 1), and writes JSON.
+Random weights (teacher = student at init, random VAE): timing does not depend on training. The
+fused step is the trainer's one compiled program (flash_jax/train/step.py), run on a chained,
+donated state. The parts, each jitted alone on the same inputs, are everything that program does:
+
+  text conditioning        the frozen text encoder: prompt (context + pooled) and empty prompt
+                           (methods/common.conditioning)
+  rollout (no grad)        the student's own sampler from x_T to x_t (imagine_flash.rollout)
+  student fwd+bwd          x̂0^Θ and its gradient w.r.t. the student UNet
+  teacher k-step CFG solve the SRL target (imagine_flash.srl_target)
+  adversarial pass (G)     D on the re-noised x̂0^Θ through the frozen teacher's features, fwd and
+                           bwd to x̂0^Θ (methods/common.LatentDiscriminator.generator_loss)
+  discriminator update     the method's discriminator loss and its gradient w.r.t. the heads (text
+                           conditioning, VAE encoding of the real images, teacher features of
+                           real and fake)
+  optimizers + EMA         the same trainer step with zero-cost losses: AdamW on G and D, the EMA,
+                           gradient norms and the finiteness check
+
+FLOPs come from XLA's cost analysis of each compiled program, corrected for `lax.scan` bodies being
+counted once (the rollout's and the teacher solve's trip counts are known); utilisation is against
+the measured fp32 matmul rate of this machine. Compile time: the fused step's lower + compile, and
+each part's first call. Also counts the fused step's compiled executables after several calls
+(must be 1). Prints a table and writes JSON.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import tempfile
+import dataclasses
 import time
-from pathlib import Path
 
-import flax
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from benchmarks import common
+from benchmarks import sampling as sampling_bench
 from configs.shapes import imagine_flash as if_config
+from flash_jax.methods import common as methods_common
 from flash_jax.methods import imagine_flash as ifl
-from flash_jax.models import autoencoder
 from flash_jax.pipeline import T2I
 from flash_jax.train import loop
-from flash_jax.train import state as state_lib
 from flash_jax.train import step as step_lib
-
-
-def timed(fn, *args, iters: int) -> float:
-    jax.block_until_ready(fn(*args))  # compile + warm-up
-    start = time.perf_counter()
-    for _ in range(iters):
-        jax.block_until_ready(fn(*args))
-    return (time.perf_counter() - start) / iters * 1e3
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variant", default="3", help="configs/shapes/imagine_flash.py variant")
-    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--iters", type=int, default=5)
-    parser.add_argument("--out", default="benchmarks/results/imagine_flash_step.json")
+    parser.add_argument("--peak-n", type=int, default=1024, help="fp32 matmul side for the peak")
+    parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
     config = if_config.get_config(args.variant)
     model = T2I.from_config(config)
-    teacher = model.init(jax.random.PRNGKey(0))
-    vae = autoencoder.init_params(model.autoencoder, jax.random.PRNGKey(1))
-    tmp = Path(tempfile.mkdtemp())
-    for name, tree in (("teacher", teacher), ("vae", vae)):
-        (tmp / f"{name}.msgpack").write_bytes(flax.serialization.msgpack_serialize(tree))
-    with config.unlocked():
-        config.teacher_workdir = str(tmp / "teacher.msgpack")
-        config.autoencoder_workdir = str(tmp / "vae.msgpack")
-        config.batch_size = args.batch
-
-    method = ifl.make(config)
     ifc = ifl.ImagineFlashConfig(**config.imagine_flash.to_dict())
+    k_teacher, k_vae, k_state, k_parts = jax.random.split(jax.random.PRNGKey(0), 4)
+    teacher = jax.jit(model.init)(k_teacher)
+    vae = common.init_autoencoder(model, k_vae)
+    method = ifl.make(config)
     tx = loop.make_optimizer(config.optimizer)
     disc_tx = loop.make_optimizer(config.disc_optimizer)
-    rng = jax.random.PRNGKey(2)
-    disc = method.init_discriminator(rng) if method.init_discriminator else None
-    state = state_lib.init_state(method.init(rng), tx, rng, disc, disc_tx)
-    frozen = method.load_frozen()
+    state = common.imagine_flash_state(config, tx, disc_tx, k_state, teacher, vae)
+    frozen = common.imagine_flash_frozen(config, teacher, vae)
     size = config.data.image_size
-    raw = {
-        "image": np.zeros((args.batch, size, size, 3), np.uint8),
-        "caption": ["a red circle and a blue square"] * args.batch,
-    }
-    batch = method.prepare_batch(raw)
-    fused = step_lib.compile_train_step(
-        step_lib.make_train_step(method, tx, ema_decay=config.ema_decay, disc_tx=disc_tx)
-    )
+    batch = jax.device_put(common.imagine_flash_batch(method, model, args.batch, size))
+    step = step_lib.make_train_step(method, tx, ema_decay=config.ema_decay, disc_tx=disc_tx)
+    peak = common.matmul_peak(args.peak_n, iters=10, dtype=jnp.float32)
+    counted_once = common.loops_counted_once()
 
-    def fused_call(s, f, b):
-        return fused(jax.tree.map(jnp.copy, s), f, b)  # the step donates its state
+    rows: dict[str, dict] = {}
 
-    rows = {}
-    rows["fused step"] = timed(fused_call, state, frozen, batch, iters=args.iters)
-    for _ in range(2):
-        fused_call(state, frozen, batch)
+    # The fused step: AOT lower + compile for its cost and memory analysis, then the jitted step
+    # on a chained state (as the trainer runs it) for the timing and the executable count.
+    fused = step_lib.compile_train_step(step)
+    start = time.perf_counter()
+    lowered = fused.lower(state, frozen, batch)
+    lower_s = time.perf_counter() - start
+    compiled = lowered.compile()
+    compile_s = time.perf_counter() - start - lower_s
+    carry = {"state": state}
+
+    def fused_call():
+        carry["state"], metrics = fused(carry["state"], frozen, batch)
+        return carry["state"], metrics
+
+    rows["fused step"] = common.timed(fused_call, iters=args.iters, warmup=2)
     executables = fused._cache_size()
+    b = args.batch
+    x = jnp.zeros(model.latent_shape(b, config.data.image_size))
+    fwd = sampling_bench.unet_flops(model, teacher["unet"], x)
+    rollout_trips = max(ifc.student_steps) - 1
+    scans = {"rollout": (rollout_trips, fwd), "solve": (ifc.teacher_steps, 2 * fwd)}
+    rows["fused step"]["flops"] = corrected(common.flops_of(compiled), scans.values(), counted_once)
 
-    # Parts, each alone.
-    context = model.encode_text(teacher["text"], batch["tokens"])
-    uncond = model.encode_text(teacher["text"], jnp.zeros_like(batch["tokens"]))
-    steps = tuple(ifc.student_steps)
+    fresh = common.imagine_flash_state(config, tx, disc_tx, k_state, teacher, vae)  # donated
+    pieces = parts(
+        model, ifc, method, tx, disc_tx, config, fresh, teacher, frozen, batch, k_parts, scans
+    )
+    for name, (fn, args_, loops) in pieces.items():
+        jitted = jax.jit(fn)
+        rows[name] = common.timed(jitted, *args_, iters=args.iters)
+        raw = common.flops_of(jitted.lower(*args_).compile())
+        rows[name]["flops"] = corrected(raw, loops, counted_once)
+
+    parts_ms = sum(r["median_ms"] for k, r in rows.items() if k != "fused step")
+    parts_flops = sum(r["flops"] for k, r in rows.items() if k != "fused step")
+    ratio = rows["fused step"]["median_ms"] / parts_ms
+    for r in rows.values():
+        r["gflop_per_s"] = r["flops"] / (r["median_ms"] * 1e-3) / 1e9
+        r["utilisation"] = r["gflop_per_s"] / (peak["tflops"] * 1e3)
+
+    print(
+        f"\nImagine Flash step, variant {args.variant!r}, batch {b}, "
+        f"{common.platform_info()['devices']}; fp32 matmul peak {peak['tflops'] * 1e3:.1f} GFLOP/s"
+    )
+    table = []
+    for k, r in rows.items():
+        share = "" if k == "fused step" else f"{r['median_ms'] / parts_ms:.0%}"
+        table.append(
+            [
+                k,
+                r["median_ms"],
+                share,
+                r["flops"] / 1e9,
+                r["gflop_per_s"],
+                f"{r['utilisation']:.1%}",
+                r["first_s"],
+            ]
+        )
+    table.append(["sum of parts", parts_ms, "", parts_flops / 1e9, "", "", ""])
+    header = ["part", "ms", "share of parts", "GFLOP", "GFLOP/s", "of peak", "first call s"]
+    print(common.table(table, header))
+    print(
+        f"fused / sum of parts = {ratio:.2f}; fused step lower {lower_s:.1f} s + compile "
+        f"{compile_s:.1f} s; compiled executables of the fused step after "
+        f"{args.iters + 2} calls: {executables}"
+    )
+    result = dict(
+        variant=args.variant,
+        batch=b,
+        platform=common.platform_info(),
+        peak=peak,
+        scan_body_counted_once=counted_once,
+        rows=rows,
+        sum_of_parts_ms=parts_ms,
+        sum_of_parts_flops=parts_flops,
+        fused_over_parts=ratio,
+        fused_lower_s=lower_s,
+        fused_compile_s=compile_s,
+        fused_memory=common.memory_of(compiled),
+        executables=executables,
+    )
+    print("wrote", common.write_json(result, "imagine_flash_step.json", args.out))
+
+
+def corrected(raw: float, loops, counted_once: bool) -> float:
+    """`raw` cost-analysis FLOPs plus the scan iterations it missed: `loops` = (trips, body)."""
+    return raw + (sum((trips - 1) * body for trips, body in loops) if counted_once else 0.0)
+
+
+def parts(model, ifc, method, tx, disc_tx, config, state, teacher, frozen, batch, rng, scans):
+    """name -> (function, arguments, scans inside it as (trips, FLOPs per trip)) for every piece
+    of the fused step, on the inputs the fused step sees."""
+    b = batch["tokens"].shape[0]
+    empty = model.tokenizer()([""])[0]
+    context, pooled, uncond = methods_common.conditioning(model, teacher["text"], batch, empty)
+    steps = ifc.student_steps
     plans, ts = ifl.student_plans(model.schedule, steps, ifc.rollout_noise_correction)
-    x_T = jax.random.normal(rng, model.latent_shape(args.batch, size))
-    which = jnp.zeros((args.batch,), jnp.int32)
-    depth = jnp.full((args.batch,), max(steps) - 1)
+    x_T = jax.random.normal(rng, model.latent_shape(b, config.data.image_size))
+    which = jnp.zeros((b,), jnp.int32)
+    depth = jnp.full((b,), max(steps) - 1)  # the deepest rollout: every step active
     t = jnp.asarray(ts)[which, depth]
-    rows["rollout (no grad)"] = timed(
-        jax.jit(lambda p: ifl.rollout(model, p, x_T, plans, which, depth, context, True)),
-        state.params["unet"],
-        iters=args.iters,
-    )
-
-    def student_loss(p):
-        return jnp.mean(ifl.student_estimate(model, p, x_T, t, context) ** 2)
-
-    rows["student fwd+bwd"] = timed(
-        jax.jit(jax.grad(student_loss)), state.params["unet"], iters=args.iters
-    )
-    rows["teacher k-step CFG solve"] = timed(
-        jax.jit(lambda p: ifl.srl_target(model, ifc, p, x_T, x_T, t, context, uncond, rng)[0]),
-        teacher["unet"],
-        iters=args.iters,
-    )
+    student = jax.tree.map(jnp.copy, teacher["unet"])
+    out = {
+        "text conditioning": (
+            lambda text: methods_common.conditioning(model, text, batch, empty),
+            (teacher["text"],),
+            (),
+        ),
+        "rollout (no grad)": (
+            lambda p: ifl.rollout(model, p, x_T, plans, which, depth, context, True),
+            (student,),
+            (scans["rollout"],),
+        ),
+        "student fwd+bwd": (
+            jax.grad(lambda p: jnp.mean(ifl.student_estimate(model, p, x_T, t, context) ** 2)),
+            (student,),
+            (),
+        ),
+        "teacher k-step CFG solve": (
+            lambda p: ifl.srl_target(model, ifc, p, x_T, x_T, t, context, uncond, rng)[0],
+            (teacher["unet"],),
+            (scans["solve"],),
+        ),
+    }
     if method.discriminator_loss is not None:
-        rows["discriminator update (D side)"] = timed(
-            jax.jit(jax.grad(lambda d: method.discriminator_loss(d, x_T, frozen, batch, rng)[0])),
-            state.disc_params,
-            iters=args.iters,
+        disc = state.disc_params
+        # The discriminator `ifl.make` builds: same heads, same re-noising range.
+        discriminator = methods_common.LatentDiscriminator(model, ifc.disc_width, ifc.disc_t_max)
+
+        def adversarial(x0, d, teacher_unet):
+            return discriminator.generator_loss(d, teacher_unet, x0, context, pooled, rng)[0]
+
+        out["adversarial pass (G)"] = (jax.grad(adversarial), (x_T, disc, teacher["unet"]), ())
+        out["discriminator update"] = (
+            jax.grad(lambda d, fr: method.discriminator_loss(d, x_T, fr, batch, rng)[0]),
+            (disc, frozen),
+            (),
         )
-    parts = sum(v for k, v in rows.items() if k != "fused step")
-    print(
-        f"\nImagine Flash step, variant {args.variant!r}, batch {args.batch}, {jax.devices()[0].platform}"
+    # The trainer's own step with zero-cost losses: what remains is the optimizer updates, the
+    # EMA, the gradient norms and the finiteness check.
+    zero = lambda p: 0.0 * sum(jnp.sum(v) for v in jax.tree.leaves(p))  # noqa: E731
+    updates_only = dataclasses.replace(
+        method,
+        generator_loss=lambda p, fr, bt, r, d=None: (zero(p), {"fake": x_T}),
+        discriminator_loss=(
+            (lambda d, fake, fr, bt, r: (zero(d), {})) if method.discriminator_loss else None
+        ),
     )
-    print("| part | ms | share of parts |\n|---|---|---|")
-    for k, v in rows.items():
-        share = "" if k == "fused step" else f"{v / parts:.0%}"
-        print(f"| {k} | {v:.1f} | {share} |")
-    ratio = rows["fused step"] / parts
-    print(
-        f"| sum of parts | {parts:.1f} | |\nfused / sum of parts = {ratio:.2f}; "
-        f"compiled executables of the fused step after 3 calls: {executables}"
+    update_step = step_lib.make_train_step(
+        updates_only, tx, ema_decay=config.ema_decay, disc_tx=disc_tx
     )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps(
-            dict(
-                variant=args.variant,
-                batch=args.batch,
-                device=str(jax.devices()[0]),
-                ms=rows,
-                sum_of_parts_ms=parts,
-                fused_over_parts=ratio,
-                executables=executables,
-            ),
-            indent=2,
-        )
-    )
+    out["optimizers + EMA"] = (update_step, (state, frozen, batch), ())
+    return out
 
 
 if __name__ == "__main__":

@@ -1,0 +1,83 @@
+"""The benchmarks' own pieces: the SD1.5 config copy, the in-memory frozen models, XLA analysis."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from benchmarks import common
+from configs.sd import common as sd_common
+from configs.sd import sd15_imagine_flash
+from flash_jax.methods import imagine_flash as ifl
+from flash_jax.models import autoencoder, text, unet
+from flash_jax.pipeline import T2I
+from flash_jax.train import checkpoint, loop
+
+
+def test_sd15_config_is_the_published_sd15():
+    """benchmarks/common.py copies configs/sd/common.py's SD1.5 models as plain dicts (the GPU
+    machines have no ml_collections); they must describe the same networks."""
+    model = T2I.from_config(common.sd15_config(dtype="float32", param_dtype="float32"))
+    knobs = dict(dtype=jnp.float32, param_dtype=jnp.float32, remat=True)
+    want_unet = unet.UNetConfig.from_diffusers(sd_common.SD15_UNET, **knobs)
+    got_unet = dataclasses.replace(model.unet, upcast_attention=want_unet.upcast_attention)
+    assert got_unet == want_unet
+    want_text = text.CLIPTextConfig.from_transformers(sd_common.CLIP_L_TEXT, remat=True)
+    assert model.text == want_text
+    want_vae = autoencoder.AutoencoderConfig.from_diffusers(sd_common.sd_vae(sample_size=512))
+    assert model.autoencoder == want_vae
+    assert model.max_length == 77
+
+
+@pytest.mark.parametrize("field", ["optimizer", "disc_optimizer", "imagine_flash", "sample"])
+def test_sd15_config_has_the_fields_of_configs_sd(field):
+    """The copy has every field the SD1.5 config gives the method and the optimizers (a field
+    added on main, e.g. optimizer.eps or sample, would otherwise break only the GPU run)."""
+    got = common.sd15_config(tiny=True)[field]
+    assert set(got) == set(sd15_imagine_flash.get_config()[field].to_dict())
+
+
+def test_sd15_config_builds_the_method_and_its_optimizers():
+    config = common.sd15_config(tiny=True)
+    method = ifl.make(config)
+    assert method.init_discriminator is not None and method.generate is not None
+    loop.make_optimizer(config.optimizer)
+    loop.make_optimizer(config.disc_optimizer)
+
+
+def test_config_reads_like_a_config_dict():
+    config = common.Config(a=1, nested={"b": [2, 3]})
+    assert config.a == 1 and config.nested.b == [2, 3]
+    assert config.nested.to_dict() == {"b": [2, 3]}
+    with pytest.raises(AttributeError, match="no field 'missing'"):
+        _ = config.missing
+
+
+def test_frozen_in_memory_serves_only_its_paths_and_restores_the_loader():
+    original = checkpoint.load_params
+    tree = {"w": jnp.ones(2)}
+    with common.frozen_in_memory({"memory://x": tree}):
+        assert checkpoint.load_params("memory://x") is tree
+        with pytest.raises(checkpoint.CheckpointError):
+            checkpoint.load_params("/nonexistent/run")
+    assert checkpoint.load_params is original
+
+
+def test_scan_correction_recovers_the_unrolled_flop_count():
+    """XLA counts a scan body once; adding (trips − 1) bodies gives the unrolled program's count."""
+
+    def scanned(x):
+        return jax.lax.scan(lambda c, _: (jnp.tanh(c @ c), None), x, None, length=4)[0]
+
+    def unrolled(x):
+        for _ in range(4):
+            x = jnp.tanh(x @ x)
+        return x
+
+    x = jnp.ones((32, 32))
+    raw = common.flops_of(jax.jit(scanned).lower(x).compile())
+    body = common.flops_of(jax.jit(lambda v: jnp.tanh(v @ v)).lower(x).compile())
+    want = common.flops_of(jax.jit(unrolled).lower(x).compile())
+    assert common.loops_counted_once()
+    assert raw + 3 * body == pytest.approx(want, rel=0.01)
