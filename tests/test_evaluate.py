@@ -271,6 +271,19 @@ def test_sweep_jobs_load_their_configs_and_chain_step_distillation():
     assert {"if3_no_srl_s0", "lcm_s1", "sd4_s0", "add_s1"} <= eval_runs
 
 
+def test_comparison_only_trains_and_evaluates_the_chosen_runs():
+    points = comparison.get_hyper(load_sweep().Hyper("seeds=2,only=if3+sd"))
+    chain = [f"sd{stage}" for stage in comparison.step_distill.CHAIN]
+    assert [p["name"] for p in points] == [
+        f"{name}_s{seed}" for seed in (0, 1) for name in ["if3", *chain]
+    ] + ["evaluate"]
+    assert points[-1]["config"].endswith(":seeds=2,assets=assets/shapes,only=if3+sd")
+    runs = [r["name"] for r in comparison.get_config("seeds=2,only=if3+sd").runs]
+    assert runs == ["teacher", "if3_s0", "sd4_s0", "if3_s1", "sd4_s1"]
+    with pytest.raises(ValueError, match=r"only= names \['if9'\]"):
+        comparison.get_config("only=if3+if9")
+
+
 def test_sweep_dry_run_of_the_comparison_with_slurm_dependencies():
     result = subprocess.run(
         [sys.executable, "launch/sweep.py", "--config", "configs/shapes/comparison.py:seeds=1",

@@ -5,7 +5,9 @@ Two functions over ONE list of runs (`RUNS` + the step-distillation chain), with
 argument `arg`: comma-separated "tiny" (tiny models, 2 updates: a smoke run of the whole sweep),
 "seeds=N" (training seeds per method, default 2), "assets=DIR" (the frozen teacher.msgpack,
 autoencoder.msgpack and judge.msgpack; default assets/shapes, the shipped trained testbed models;
-tiny runs need tiny ones).
+tiny runs need tiny ones), "only=NAME+NAME" (just these runs of RUNS, "sd" for the step
+distillation chain; the teacher is always evaluated). The evaluation keeps the rows already in its
+results.json, so `only=` runs add seeds or rows to the same tables.
 
 `get_hyper(h)` (launch/sweep.py; `h.arg` is `arg`) -> the jobs, in dependency order: one training
 job per run and seed (job fields `name` = its folder under the sweep's --workdir, `config`,
@@ -52,7 +54,8 @@ TEACHER_STEPS = (25, 3)
 
 def _parse(arg: str) -> dict:
     """`{"tiny", "seeds", "assets"}` from the comma-separated argument."""
-    out = dict(tiny=False, seeds=2, assets=DEFAULT_ASSETS)
+    names = [name for _, name, _, _ in RUNS] + ["sd"]
+    out = dict(tiny=False, seeds=2, assets=DEFAULT_ASSETS, only=tuple(names))
     for token in filter(None, (arg or "").split(",")):
         key, eq, value = token.partition("=")
         if token == "tiny":
@@ -61,13 +64,23 @@ def _parse(arg: str) -> dict:
             out[key] = value
         elif eq and key == "seeds":
             out["seeds"] = int(value)
+        elif eq and key == "only":
+            out["only"] = tuple(value.split("+"))
         else:
             raise ValueError(
-                f"comparison config: unknown argument {token!r} (tiny, seeds=, assets=)"
+                f"comparison config: unknown argument {token!r} (tiny, seeds=, assets=, only=)"
             )
     if out["seeds"] < 1:
         raise ValueError(f"comparison config: seeds={out['seeds']} must be >= 1")
+    unknown = set(out["only"]) - set(names)
+    if unknown:
+        raise ValueError(f"comparison config: only= names {sorted(unknown)} not among {names}")
     return out
+
+
+def _chosen(a: dict) -> list[tuple]:
+    """The entries of RUNS that `only=` keeps."""
+    return [run for run in RUNS if run[1] in a["only"]]
 
 
 def _with_tiny(config: str, tiny: bool) -> str:
@@ -83,7 +96,7 @@ def evaluated_runs(arg: str = "") -> list[dict]:
     tiny = a["tiny"]
     out = []
     for seed in range(a["seeds"]):
-        for label, name, config, steps in RUNS:
+        for label, name, config, steps in _chosen(a):
             out.append(
                 dict(
                     label=label,
@@ -92,6 +105,8 @@ def evaluated_runs(arg: str = "") -> list[dict]:
                     steps=steps,
                 )
             )
+        if "sd" not in a["only"]:
+            continue
         last = step_distill.CHAIN[-1]
         out.append(
             dict(
@@ -115,10 +130,10 @@ def get_hyper(h) -> list[dict]:
     jobs = []
     for seed in range(a["seeds"]):
         seeded = shared | {"config.seed": seed, "config.data.shuffle_seed": seed}
-        for _, name, config, _ in RUNS:
+        for _, name, config, _ in _chosen(a):
             jobs.append(dict(name=f"{name}_s{seed}", config=_with_tiny(config, tiny), **seeded))
         previous = None
-        for stage in step_distill.CHAIN:
+        for stage in step_distill.CHAIN if "sd" in a["only"] else ():
             job = dict(
                 name=f"sd{stage}_s{seed}",
                 config=_with_tiny(f"{STEP_DISTILL}:{stage}", tiny),
@@ -129,7 +144,8 @@ def get_hyper(h) -> list[dict]:
                 job["config.step_distill.previous_workdir"] = f"{{workdir}}/{previous}"
             jobs.append(job)
             previous = job["name"]
-    variant = ",".join(["tiny"] * tiny + [f"seeds={a['seeds']}", f"assets={a['assets']}"])
+    only = [] if a["only"] == _parse("")["only"] else ["only=" + "+".join(a["only"])]
+    variant = ",".join(["tiny"] * tiny + [f"seeds={a['seeds']}", f"assets={a['assets']}", *only])
     evaluation = dict(
         name="evaluate",
         config=f"configs/shapes/comparison.py:{variant}",
