@@ -501,7 +501,8 @@ def load_autoencoder(config: ml_collections.ConfigDict, model: T2I) -> Any:
             "set config.model.pretrained (a diffusers folder) or config.autoencoder_workdir"
         )
     params = checkpoint.load_params(config.autoencoder_workdir)
-    expected = jax.eval_shape(lambda: autoencoder.init_params(model.autoencoder, jax.random.key(0)))
     what = f"autoencoder {config.autoencoder_workdir} (for config.model.autoencoder)"
-    weights.check_params_match(params, expected, what)
+    weights.check_params_match(
+        params, weights._diffusers_abstract("autoencoder", model.autoencoder), what
+    )
     return params
