@@ -49,13 +49,13 @@ RUNS = (
     ("LCM", "lcm", "configs/shapes/lcm.py", (1, 2, 3)),
 )
 STEP_DISTILL = "configs/shapes/step_distill.py"
+NAMES = (*(name for _, name, _, _ in RUNS), "sd")  # what `only=` picks from; "sd": the chain
 TEACHER_STEPS = (25, 3)
 
 
 def _parse(arg: str) -> dict:
     """`{"tiny", "seeds", "assets"}` from the comma-separated argument."""
-    names = [name for _, name, _, _ in RUNS] + ["sd"]
-    out = dict(tiny=False, seeds=2, assets=DEFAULT_ASSETS, only=tuple(names))
+    out = dict(tiny=False, seeds=2, assets=DEFAULT_ASSETS, only=NAMES)
     for token in filter(None, (arg or "").split(",")):
         key, eq, value = token.partition("=")
         if token == "tiny":
@@ -72,9 +72,11 @@ def _parse(arg: str) -> dict:
             )
     if out["seeds"] < 1:
         raise ValueError(f"comparison config: seeds={out['seeds']} must be >= 1")
-    unknown = set(out["only"]) - set(names)
+    unknown = set(out["only"]) - set(NAMES)
     if unknown:
-        raise ValueError(f"comparison config: only= names {sorted(unknown)} not among {names}")
+        raise ValueError(
+            f"comparison config: only= names {sorted(unknown)} not among {list(NAMES)}"
+        )
     return out
 
 
@@ -144,7 +146,7 @@ def get_hyper(h) -> list[dict]:
                 job["config.step_distill.previous_workdir"] = f"{{workdir}}/{previous}"
             jobs.append(job)
             previous = job["name"]
-    only = [] if a["only"] == _parse("")["only"] else ["only=" + "+".join(a["only"])]
+    only = [] if a["only"] == NAMES else ["only=" + "+".join(a["only"])]
     variant = ",".join(["tiny"] * tiny + [f"seeds={a['seeds']}", f"assets={a['assets']}", *only])
     evaluation = dict(
         name="evaluate",
