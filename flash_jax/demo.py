@@ -1,10 +1,11 @@
 """`make demo`: distil the Shapes testbed teacher into a 3-step student and compare them.
 
   python -m flash_jax.demo --workdir runs/demo [--distill_steps N] [--num_images N] \
-      [--set imagine_flash.teacher_steps=4 ...]
+      [--latents f4|f2] [--set imagine_flash.teacher_steps=4 ...]
 
 1. Takes the trained testbed autoencoder, teacher and judge shipped in assets/shapes/ (or, where
-   one is missing, trains it first with the project's own config: slower).
+   one is missing, trains it first with the project's own config: slower). `--latents f2` takes
+   the 16x16x4 pair autoencoder_f2 / teacher_f2 (the stronger teacher; ~4x the compute per step).
 2. Distils a 3-step student with Imagine Flash (configs/shapes/imagine_flash.py), showing progress
    and writing sample grids to WORKDIR/imagine_flash/samples/.
 3. Evaluates the teacher (25-step CFG and 3-step CFG) and the student (1/2/3 steps; 3 also without
@@ -34,14 +35,22 @@ ASSETS = Path(__file__).resolve().parents[1] / "assets" / "shapes"
 _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "where the demo writes everything")
 _DISTILL_STEPS = flags.DEFINE_integer("distill_steps", 1200, "Imagine Flash updates")
 _NUM_IMAGES = flags.DEFINE_integer("num_images", 300, "evaluation prompts (images per entry)")
+_LATENTS = flags.DEFINE_enum(
+    "latents", "f4", ["f4", "f2"], "latent space: f4 (8x8x4) or f2 (16x16x4, the stronger teacher)"
+)
 _SET = flags.DEFINE_multi_string(
     "set", [], "override of the distillation config, KEY=VALUE (e.g. imagine_flash.adv_weight=0)"
 )
 
 
-def stage(name: str, config, workdir: Path, assets: Path | None) -> str:
+def shipped_name(name: str, latents: str) -> str:
+    """The assets/shapes file of a stage; the judge scores images, so one serves both latents."""
+    return f"{name}.msgpack" if latents == "f4" or name == "judge" else f"{name}_{latents}.msgpack"
+
+
+def stage(name: str, config, workdir: Path, assets: Path | None, latents: str = "f4") -> str:
     """The shipped parameters of a stage, or a freshly trained run of it."""
-    shipped = assets / f"{name}.msgpack" if assets else None
+    shipped = assets / shipped_name(name, latents) if assets else None
     if shipped and shipped.is_file():
         return str(shipped)
     print(f"[demo] no shipped {name}: training it first ({config.total_steps} steps)")
@@ -59,18 +68,21 @@ def run_demo(
     variant: str = "",
     assets: Path | None = ASSETS,
     overrides: Sequence[str] = (),
+    latents: str = "f4",
 ) -> dict[str, dict[str, float]]:
     """Distil, evaluate, write the report; returns the metrics rows. `variant="tiny"` runs the whole
-    pipeline on tiny models (tests); `overrides` (`KEY=VALUE`) change the distillation config."""
+    pipeline on tiny models (tests); `overrides` (`KEY=VALUE`) change the distillation config;
+    `latents` picks the latent space ("f4" or "f2") of the autoencoder, teacher and student."""
     workdir = Path(workdir)
-    config = if_config.get_config(",".join(filter(None, ["3", variant])))
+    variants = ",".join(filter(None, [variant, "f2" if latents == "f2" else ""]))
+    config = if_config.get_config(",".join(filter(None, ["3", variants])))
     with config.unlocked():
         config.total_steps = distill_steps
         config.checkpoint_every = config.sample_every = max(distill_steps // 3, 1)
     evaluate.apply_overrides(config, overrides)  # a bad key fails before anything trains
 
-    vae = stage("autoencoder", ae_config.get_config(variant), workdir, assets)
-    teacher = stage("teacher", teacher_config.get_config(variant), workdir, assets)
+    vae = stage("autoencoder", ae_config.get_config(variants), workdir, assets, latents)
+    teacher = stage("teacher", teacher_config.get_config(variants), workdir, assets, latents)
     judge_dir = stage("judge", judge_config.get_config(variant), workdir, assets)
     with config.unlocked():
         config.teacher_workdir, config.autoencoder_workdir = teacher, vae
@@ -109,7 +121,13 @@ def run_demo(
 def main(argv: list[str]) -> None:
     del argv
     absl_logging.set_verbosity(absl_logging.WARNING)
-    run_demo(_WORKDIR.value, _DISTILL_STEPS.value, _NUM_IMAGES.value, overrides=_SET.value)
+    run_demo(
+        _WORKDIR.value,
+        _DISTILL_STEPS.value,
+        _NUM_IMAGES.value,
+        overrides=_SET.value,
+        latents=_LATENTS.value,
+    )
 
 
 if __name__ == "__main__":

@@ -13,13 +13,17 @@ from flash_jax import demo
 @pytest.mark.slow
 def test_demo_pipeline_on_tiny_models(tmp_path, tiny_assets):
     """Shipped teacher and judge (tiny random ones), no autoencoder: the demo trains that stage
-    first, then distils from the teacher on its latents."""
+    first, then distils from the teacher on its latents. With `latents="f2"` it takes the f2
+    teacher, never the other latent space's (a corrupt decoy here), and the one judge."""
     assets = tmp_path / "assets"
     assets.mkdir()
-    for name in ("teacher", "judge"):
-        shutil.copy(tiny_assets / f"{name}.msgpack", assets)
+    shutil.copy(tiny_assets / "teacher.msgpack", assets / "teacher_f2.msgpack")
+    shutil.copy(tiny_assets / "judge.msgpack", assets)
+    (assets / "teacher.msgpack").write_bytes(b"the f4 teacher: not for f2 latents")
     workdir = tmp_path / "demo"
-    rows = demo.run_demo(workdir, distill_steps=2, num_images=4, variant="tiny", assets=assets)
+    rows = demo.run_demo(
+        workdir, distill_steps=2, num_images=4, variant="tiny", assets=assets, latents="f2"
+    )
     assert (workdir / "autoencoder" / "checkpoints").is_dir()
     assert not (workdir / "teacher").exists() and not (workdir / "judge").exists()
     names = ["real", "teacher 25 (CFG)", "teacher 3 (CFG)", "student 1", "student 2", "student 3"]

@@ -1,7 +1,9 @@
 """The testbed configs (configs/shapes): variants are checked and reach the model, and the shipped
 autoencoders (assets/shapes) fit the configs that name them: every tensor matches the config's
 model, and the config's latent factors fit the weights (the diffusion latents of training images
-are zero-mean with unit variance). A mismatch is refused, naming the tensors.
+are zero-mean with unit variance). A mismatch is refused, naming the tensors. Each shipped teacher
+belongs to its own autoencoder's latents (their UNets have the same shapes, so only what they
+predict can tell them apart).
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ from flash_jax import pipeline, weights
 from flash_jax.eval import judge
 from flash_jax.models import autoencoder
 from flash_jax.pipeline import T2I
+from flash_jax.train import checkpoint
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets" / "shapes"
 SHIPPED = {"f4": "autoencoder.msgpack", "f2": "autoencoder_f2.msgpack"}
+TEACHERS = {"f4": "teacher.msgpack", "f2": "teacher_f2.msgpack"}
 CONFIGS = ("add", "autoencoder", "imagine_flash", "judge", "lcm", "step_distill", "teacher")
 DIFFUSION = ("add", "imagine_flash", "lcm", "step_distill", "teacher")
 
@@ -73,3 +77,33 @@ def test_autoencoder_of_another_latent_space_is_refused(latents, asset, problem)
     config = _config(latents, asset)
     with pytest.raises(weights.WeightsError, match=rf"{asset}[\s\S]*{problem} \S*down_blocks"):
         pipeline.load_autoencoder(config, T2I.from_config(config))
+
+
+def _epsilon_errors(latents: str) -> dict[str, float]:
+    """Mean squared ε-prediction error of each shipped teacher on the `latents` diffusion latents
+    of 64 training images with their captions, at the same 64 timesteps spread over [50, 950]
+    and the same noise."""
+    config = _config(latents, SHIPPED[latents])
+    model = T2I.from_config(config)
+    images, labels = judge.real_examples("train", 64, config.data.seed, config.data.image_size)
+    x0 = model.to_latents(pipeline.load_autoencoder(config, model), jnp.asarray(images))
+    t = jnp.linspace(50, 950, 64).astype(jnp.int32)
+    alpha, sigma = (a.reshape(-1, 1, 1, 1) for a in model.schedule.alpha_sigma(t))
+    noise = jax.random.normal(jax.random.key(0), x0.shape)
+    tokens = jnp.asarray(model.tokenizer()(list(labels["caption"])))
+
+    @jax.jit
+    def error(params):
+        context = model.encode_text(params["text"], tokens)
+        eps = model.apply_unet(params["unet"], alpha * x0 + sigma * noise, t, context)
+        return jnp.mean((eps - noise) ** 2)
+
+    return {name: float(error(checkpoint.load_params(ASSETS / a))) for name, a in TEACHERS.items()}
+
+
+@pytest.mark.parametrize("latents", sorted(SHIPPED))
+def test_shipped_teacher_belongs_to_its_autoencoder(latents):
+    errors = _epsilon_errors(latents)
+    other = next(name for name in TEACHERS if name != latents)
+    assert errors[latents] < 0.1, errors  # a trained denoiser (an untrained one is near 1)
+    assert errors[latents] < 0.5 * errors[other], errors
