@@ -503,6 +503,6 @@ def load_autoencoder(config: ml_collections.ConfigDict, model: T2I) -> Any:
     params = checkpoint.load_params(config.autoencoder_workdir)
     what = f"autoencoder {config.autoencoder_workdir} (for config.model.autoencoder)"
     weights.check_params_match(
-        params, weights._diffusers_abstract("autoencoder", model.autoencoder), what
+        params, weights.model_abstract("autoencoder", model.autoencoder), what
     )
     return params

@@ -306,20 +306,21 @@ def _unet_rename(name: str) -> str:
     return _UNET_LINEAR.sub(r"\1.linear_\2.", name)
 
 
-_DIFFUSERS_ABSTRACT: dict[tuple[str, Any], Params] = {}  # tracing a full-size UNet takes seconds
+_MODEL_ABSTRACT: dict[tuple[str, Any], Params] = {}  # tracing a full-size UNet takes seconds
 
 
-def _diffusers_abstract(kind: str, config: Any) -> Params:
-    """Shapes and dtypes of the params of `config`'s model (cached per config)."""
-    if (kind, config) not in _DIFFUSERS_ABSTRACT:
+def model_abstract(kind: str, config: Any) -> Params:
+    """Shapes and dtypes (`jax.ShapeDtypeStruct` leaves) of the params of `config`'s model, `kind`
+    "unet" or "autoencoder"; cached per config, so checking a load costs no second trace."""
+    if (kind, config) not in _MODEL_ABSTRACT:
         if kind == "unet":
             from flash_jax.models import unet as module
         else:
             from flash_jax.models import autoencoder as module
-        _DIFFUSERS_ABSTRACT[kind, config] = jax.eval_shape(
+        _MODEL_ABSTRACT[kind, config] = jax.eval_shape(
             lambda: module.init_params(config, jax.random.key(0))
         )
-    return _DIFFUSERS_ABSTRACT[kind, config]
+    return _MODEL_ABSTRACT[kind, config]
 
 
 def _match_1x1_layouts(
@@ -363,7 +364,7 @@ def unet_from_diffusers(state_dict: Mapping[str, np.ndarray], config: Any) -> Pa
     Raises:
       WeightsError: naming every missing, unexpected or mis-shaped tensor and both shapes.
     """
-    abstract = _diffusers_abstract("unet", config)
+    abstract = model_abstract("unet", config)
     return params_from_torch(
         _match_1x1_layouts(state_dict, abstract, _unet_rename),
         abstract,
@@ -379,7 +380,7 @@ def unet_to_diffusers(params: Params, config: Any) -> StateDict:
     Raises:
       WeightsError: if `params` does not match `config` (names the param and both shapes).
     """
-    check_params_match(params, _diffusers_abstract("unet", config), "UNet")
+    check_params_match(params, model_abstract("unet", config), "UNet")
     return params_to_torch(params, rename=_unet_rename)
 
 
@@ -398,7 +399,7 @@ def autoencoder_from_diffusers(state_dict: Mapping[str, np.ndarray], config: Any
     }
     if len(renamed) != len(state_dict):
         raise WeightsError("AutoencoderKL: state dict has both old and new attention names")
-    abstract = _diffusers_abstract("autoencoder", config)
+    abstract = model_abstract("autoencoder", config)
     return params_from_torch(_match_1x1_layouts(renamed, abstract), abstract, what="AutoencoderKL")
 
 
@@ -409,7 +410,7 @@ def autoencoder_to_diffusers(params: Params, config: Any) -> StateDict:
     Raises:
       WeightsError: if `params` does not match `config` (names the param and both shapes).
     """
-    check_params_match(params, _diffusers_abstract("autoencoder", config), "AutoencoderKL")
+    check_params_match(params, model_abstract("autoencoder", config), "AutoencoderKL")
     return params_to_torch(params)
 
 
