@@ -141,6 +141,39 @@ def test_srl_target_at_tiny_t_phi_is_the_students_estimate(setup):
     assert far > 0.5 and near < 0.25 * far  # at high t_Φ the teacher re-does the image
 
 
+def test_srl_with_the_students_own_noise_at_t_phi_equal_t_is_plain_backward_distillation(setup):
+    """With ε' = ε̂^Θ, χ is the student's DDIM step from t to t_Φ; at t_Φ = t that step is x_t
+    itself, so the SRL target equals the no-SRL target (the teacher's solve from x_t)."""
+    model, params, context, x_T, ifc = setup
+    t = jnp.array([999, 666])
+    x_t = x_T * 0.9
+    x0_student = ifl.student_estimate(model, params["unet"], x_t, t, context)
+
+    def target(**changes):
+        out, _ = ifl.srl_target(
+            model,
+            dataclasses.replace(ifc, teacher_steps=1, **changes),
+            params["unet"],
+            x0_student,
+            x_t,
+            t,
+            context,
+            None,
+            jax.random.PRNGKey(3),
+            t_phi=t if changes.get("srl", True) else None,
+        )
+        return np.asarray(out)
+
+    plain = target(srl=False)
+    np.testing.assert_allclose(target(srl_noise="student"), plain, atol=1e-4, rtol=1e-4)
+    assert np.abs(target(srl_noise="fresh") - plain).max() > 0.1  # fresh noise: another χ
+
+
+def test_unknown_srl_noise_is_refused():
+    with pytest.raises(ValueError, match=r"imagine_flash\.srl_noise='ddim'"):
+        ifl.ImagineFlashConfig(srl_noise="ddim")
+
+
 def test_teacher_timesteps_descend_from_t_phi():
     ts = np.asarray(ifl.teacher_timesteps(jnp.array([749, 249]), 4))
     np.testing.assert_array_equal(ts[:, 0], [749, 562, 374, 187])

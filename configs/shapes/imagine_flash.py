@@ -42,6 +42,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
             gamma_b=0.0,  # γ offset
             gamma_shift=0.5,  # s of the "sd3" shift
             gamma_jitter=0.0,  # uniform ± jitter of t_Φ in timesteps
+            srl_noise="fresh",  # re-noising ε': "fresh" | "student" (its own ε̂: deterministic χ)
             teacher_steps=2,  # k: teacher solve steps from t_Φ to 0
             teacher_sampler="ddim",  # "ddim" | "dpmpp_2m"
             guidance_scale=base.sample.guidance_scale,  # teacher CFG inside the solve

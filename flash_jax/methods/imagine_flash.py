@@ -7,7 +7,9 @@ One generator step, all inside the trainer's single compiled program:
           (ablation `backward=False`: x_t = α_t·x0_real + σ_t·x_T, forward/leaky)
   x̂0^Θ = x̂0(x_t, ε̂_Θ(x_t, t, c), t)                                       the only gradient path
   t_Φ   = γ(t) (± jitter);  χ = α_{t_Φ}·stopgrad(x̂0^Θ) + σ_{t_Φ}·ε'          SRL re-noising
-          (ablation `srl=False`: χ = x_t, t_Φ = t — plain backward distillation)
+          (ε' fresh noise; `srl_noise="student"`: ε' = stopgrad(ε̂^Θ), so χ is the student's
+          own DDIM step from t to t_Φ and the target a deterministic function of x_T;
+          ablation `srl=False`: χ = x_t, t_Φ = t — plain backward distillation)
   x̂0^Φ = stopgrad(teacher k-step CFG solve from χ at t_Φ down to 0)
   L     = w(t)·‖x̂0^Φ − x̂0^Θ‖² + λ_adv·L_adv^G(D(teacher features of re-noised x̂0^Θ))
 
@@ -98,6 +100,7 @@ class ImagineFlashConfig:
     gamma_b: float = 0.0
     gamma_shift: float = 0.5
     gamma_jitter: float = 0.0
+    srl_noise: str = "fresh"
     teacher_steps: int = 4
     teacher_sampler: str = "ddim"
     guidance_scale: float = 4.0
@@ -113,6 +116,8 @@ class ImagineFlashConfig:
             raise ValueError(f"imagine_flash.student_steps={self.student_steps}: need 1..8 steps")
         if self.loss_weighting not in ("uniform", "alpha"):
             raise ValueError(f"imagine_flash.loss_weighting={self.loss_weighting!r}")
+        if self.srl_noise not in ("fresh", "student"):
+            raise ValueError(f"imagine_flash.srl_noise={self.srl_noise!r}: 'fresh' or 'student'")
         if self.teacher_sampler not in ("ddim", "dpmpp_2m"):
             raise ValueError(f"imagine_flash.teacher_sampler={self.teacher_sampler!r}")
         if self.teacher_steps < 1:
@@ -173,7 +178,8 @@ def srl_target(
     t_phi: Array | None = None,
 ) -> tuple[Array, Array]:
     """(x̂0^Φ, t_Φ): the teacher's k-step CFG solve from χ = α_{t_Φ}·sg(x̂0^Θ) + σ_{t_Φ}·ε' at t_Φ
-    (γ(t) unless given), under stop-gradient. Without SRL: from the student's own state x_t at t."""
+    (γ(t) unless given), under stop-gradient; ε' is fresh noise, or with `srl_noise="student"`
+    the student's own ε̂ = (x_t − α_t·x̂0^Θ)/σ_t. Without SRL: from the student's state x_t at t."""
     schedule = model.schedule
     T = schedule.num_train_timesteps
     k_eps, k_jit = jax.random.split(rng)
@@ -185,8 +191,12 @@ def srl_target(
                 t_phi += ifc.gamma_jitter * jax.random.uniform(k_jit, (b,), minval=-1, maxval=1)
             t_phi = jnp.clip(jnp.round(t_phi), 1, T - 1).astype(jnp.int32)
         a_phi, s_phi = (_bcast(v) for v in schedule.alpha_sigma(t_phi))
-        noise = jax.random.normal(k_eps, x0_student.shape)
-        chi = diffusion.add_noise(jax.lax.stop_gradient(x0_student), noise, a_phi, s_phi)
+        if ifc.srl_noise == "student":
+            a_t, s_t = (_bcast(v) for v in schedule.alpha_sigma(t))
+            noise = (x_t - a_t * x0_student) / s_t
+        else:
+            noise = jax.random.normal(k_eps, x0_student.shape)
+        chi = jax.lax.stop_gradient(diffusion.add_noise(x0_student, noise, a_phi, s_phi))
     else:
         t_phi, chi = t, x_t
     solve = sampling.plan_from_timesteps(schedule, teacher_timesteps(t_phi, ifc.teacher_steps))
