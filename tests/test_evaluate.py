@@ -291,7 +291,8 @@ def test_sweep_dry_run_of_the_comparison_with_slurm_dependencies():
         cwd=ROOT, check=True, capture_output=True, text=True,
     )  # fmt: skip
     lines = [shlex.split(line) for line in result.stdout.splitlines()]
-    assert "# 14 jobs (slurm)" in result.stderr and len(lines) == 14
+    n = len(comparison.RUNS) + len(comparison.step_distill.CHAIN) + 1  # one seed, + evaluation
+    assert f"# {n} jobs (slurm)" in result.stderr and len(lines) == n
     sd8 = next(line for line in lines if "--job-name=flash-jax-sd8_s0" in line)
     assert sd8[2] == "--dependency=afterok:sd16_s0" and sd8[5] == "runs/c/sd8_s0"
     assert lines[-1][-3:] == ["configs/shapes/comparison.py:seeds=1,assets=assets/shapes",

@@ -4,7 +4,8 @@
       --workdir runs/shapes/if3 --config.teacher_workdir=runs/shapes/teacher \
       --config.autoencoder_workdir=runs/shapes/autoencoder
 Variants (comma-separated): "1", "2", "3" (student steps; default 3), "all" (one student for 1/2/3),
-the paper's ablations "no_nc", "no_disc", "no_backward", "no_srl", "f2" (16x16x4 latents, for a
+the paper's ablations "no_nc", "no_disc", "no_backward", "no_srl", "srl_student" (SRL re-noised
+with the student's own ε̂ instead of fresh noise: docs/results.md, Stage 5), "f2" (16x16x4 latents, for a
 teacher trained with configs/shapes/teacher.py:f2), and "quick" / "tiny".
 """
 
@@ -19,7 +20,10 @@ from flash_jax import sampling
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     variants = common.variants(
         arg,
-        ("1", "2", "3", "all", "no_nc", "no_disc", "no_backward", "no_srl", "f2", "quick", "tiny"),
+        (
+            *("1", "2", "3", "all", "no_nc", "no_disc", "no_backward", "no_srl", "srl_student"),
+            *("f2", "quick", "tiny"),
+        ),
         "configs/shapes/imagine_flash.py",
     )
     base = teacher.get_config(",".join(variants & {"tiny", "f2"}))
@@ -66,6 +70,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.imagine_flash.backward = False
     if "no_srl" in variants:
         c.imagine_flash.srl = False
+    if "srl_student" in variants:
+        c.imagine_flash.srl_noise = "student"
     if "quick" in variants:
         c.total_steps, c.checkpoint_every, c.sample_every, c.log_every = 200, 200, 200, 10
     if "tiny" in variants:
