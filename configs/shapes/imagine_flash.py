@@ -4,9 +4,10 @@
       --workdir runs/shapes/if3 --config.teacher_workdir=runs/shapes/teacher \
       --config.autoencoder_workdir=runs/shapes/autoencoder
 Variants (comma-separated): "1", "2", "3" (student steps; default 3), "all" (one student for 1/2/3),
-the paper's ablations "no_nc", "no_disc", "no_backward", "no_srl", "srl_student" (SRL re-noised
-with the student's own ε̂ instead of fresh noise: docs/results.md, Stage 5), "f2" (16x16x4 latents, for a
-teacher trained with configs/shapes/teacher.py:f2), and "quick" / "tiny".
+the paper's ablations "no_nc", "no_disc", "no_backward", "no_srl"; "srl_student" (SRL re-noised
+with the student's own ε̂ instead of fresh noise: docs/results.md, Stage 5); "f2" (16x16x4
+latents, for a teacher trained with configs/shapes/teacher.py:f2, e.g. the shipped
+assets/shapes/teacher_f2.msgpack); and "quick" / "tiny".
 """
 
 import dataclasses
