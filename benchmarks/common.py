@@ -270,6 +270,7 @@ def sd15_config(
             gamma_b=0.0,
             gamma_shift=0.5,
             gamma_jitter=0.0,
+            srl_noise="fresh",
             teacher_steps=teacher_steps,
             teacher_sampler="ddim",
             guidance_scale=guidance_scale,
