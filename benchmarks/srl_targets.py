@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> None:
 
     @jax.jit
     def images(student, teacher, tokens, x_T, i, rng):
-        """(student x̂0, SRL target, plain target) as uint8 images, all at rollout depth `i`."""
+        """(student x̂0, SRL target, plain target) as uint8 images, all at rollout depth `i`, and
+        the SRL target's t_Φ `(B,)`."""
         b = tokens.shape[0]
         context, _, uncond = method_common.conditioning(
             model, teacher["text"], {"tokens": tokens}, empty
@@ -88,23 +89,23 @@ def main(argv: list[str] | None = None) -> None:
             model, student, x_T, plans, which, depth, context, ifc.rollout_noise_correction
         )
         x0 = imagine_flash.student_estimate(model, student, x_t, t, context)
-        srl, _ = imagine_flash.srl_target(
+        srl, t_phi = imagine_flash.srl_target(
             model, ifc, teacher["unet"], x0, x_t, t, context, uncond, rng
         )
         no_srl, _ = imagine_flash.srl_target(
             model, plain, teacher["unet"], x0, x_t, t, context, uncond, rng
         )
-        return tuple(model.to_images(vae, z) for z in (x0, srl, no_srl))
+        return tuple(model.to_images(vae, z) for z in (x0, srl, no_srl)), t_phi
 
     latent_shape = model.latent_shape(1, size)[1:]
     x_T = evaluate.initial_noise(args.seed, 0, args.num_images, latent_shape)
-    rows = []
+    rows, t_phi = [], []
     for i in range(n):
         out = [[], [], []]
         for start in range(0, args.num_images, 50):
             batch = slice(start, start + 50)
             rng = jax.random.fold_in(jax.random.key(args.seed), start)
-            parts = images(student, teacher, tokens[batch], x_T[batch], i, rng)
+            parts, t_phi_i = images(student, teacher, tokens[batch], x_T[batch], i, rng)
             for part, im in zip(out, parts, strict=True):
                 part.append(np.asarray(im))
         for name, parts in zip(("student", "SRL", "plain"), out, strict=True):
@@ -116,21 +117,14 @@ def main(argv: list[str] | None = None) -> None:
                 prompts.real_features,
             )
             rows.append({"t": int(ts_table[0, i]), "what": name, **row})
-    t_phi = imagine_flash.gamma(
-        jnp.asarray(ts_table[0]),
-        ifc.gamma,
-        model.schedule.num_train_timesteps,
-        ifc.gamma_a,
-        ifc.gamma_b,
-        ifc.gamma_shift,
-    )
+        t_phi.append(int(t_phi_i[0]))  # no jitter: the same for every image of this t
     result = {
         **common.platform_info(),
         "config": args.config,
         "overrides": args.set,
         "student": args.student or "the teacher (step 0)",
         "num_images": args.num_images,
-        "t_phi": [round(float(v)) for v in t_phi],
+        "t_phi": t_phi,
         "rows": rows,
     }
     out_dir = Path(os.environ.get("OUT") or args.out)

@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 
 from configs.shapes import teacher
-from flash_jax import pipeline, weights
+from flash_jax import diffusion, pipeline, weights
 from flash_jax.eval import judge
+from flash_jax.methods import common as method_common
 from flash_jax.models import autoencoder
 from flash_jax.pipeline import T2I
 from flash_jax.train import checkpoint
@@ -88,14 +89,15 @@ def _epsilon_errors(latents: str) -> dict[str, float]:
     images, labels = judge.real_examples("train", 64, config.data.seed, config.data.image_size)
     x0 = model.to_latents(pipeline.load_autoencoder(config, model), jnp.asarray(images))
     t = jnp.linspace(50, 950, 64).astype(jnp.int32)
-    alpha, sigma = (a.reshape(-1, 1, 1, 1) for a in model.schedule.alpha_sigma(t))
+    alpha, sigma = method_common.alpha_sigma(model.schedule, t)
     noise = jax.random.normal(jax.random.key(0), x0.shape)
+    x_t = diffusion.add_noise(x0, noise, alpha, sigma)
     tokens = jnp.asarray(model.tokenizer()(list(labels["caption"])))
 
     @jax.jit
     def error(params):
         context = model.encode_text(params["text"], tokens)
-        eps = model.apply_unet(params["unet"], alpha * x0 + sigma * noise, t, context)
+        eps = model.apply_unet(params["unet"], x_t, t, context)
         return jnp.mean((eps - noise) ** 2)
 
     return {name: float(error(checkpoint.load_params(ASSETS / a))) for name, a in TEACHERS.items()}
