@@ -24,8 +24,8 @@ job per run and seed (job fields `name` = its folder under the sweep's --workdir
 Rows: teacher (CFG) 25 and 3 steps; step distillation 4 (the chain guidance → 16 → 8 → 4, whose
 four runs share one run's budget); ADD 4; LCM 1/2/3 (one student); Imagine Flash 1/2/3 (one
 student per step count); the ablations at 3 steps: w/o noise correction, w/o discriminator,
-w/o backward distillation, w/o SRL; and one variant of ours: SRL re-noised with the student's own ε̂
-(a deterministic target) instead of fresh noise.
+w/o backward distillation, w/o SRL; and the paper's SRL re-noising with fresh noise ε', where
+the testbed default re-noises with the student's own ε̂ (a deterministic target).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ RUNS = (
     ("IF w/o discriminator", "if3_no_disc", f"{IMAGINE_FLASH}:3,no_disc", (3,)),
     ("IF w/o backward distillation", "if3_no_backward", f"{IMAGINE_FLASH}:3,no_backward", (3,)),
     ("IF w/o SRL", "if3_no_srl", f"{IMAGINE_FLASH}:3,no_srl", (3,)),
-    ("IF, SRL with the student's ε̂", "if3_srl_student", f"{IMAGINE_FLASH}:3,srl_student", (3,)),
+    ("IF, SRL with fresh ε' (paper)", "if3_srl_fresh", f"{IMAGINE_FLASH}:3,srl_fresh", (3,)),
     ("ADD", "add", "configs/shapes/add.py", (4,)),
     ("LCM", "lcm", "configs/shapes/lcm.py", (1, 2, 3)),
 )

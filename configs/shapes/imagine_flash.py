@@ -4,8 +4,9 @@
       --workdir runs/shapes/if3 --config.teacher_workdir=runs/shapes/teacher \
       --config.autoencoder_workdir=runs/shapes/autoencoder
 Variants (comma-separated): "1", "2", "3" (student steps; default 3), "all" (one student for 1/2/3),
-the paper's ablations "no_nc", "no_disc", "no_backward", "no_srl"; "srl_student" (SRL re-noised
-with the student's own ε̂ instead of fresh noise: docs/results.md, Stage 5); "f2" (16x16x4
+the paper's ablations "no_nc", "no_disc", "no_backward", "no_srl"; "srl_fresh" (SRL re-noised
+with fresh noise, as in the paper, instead of this testbed's default, the student's own ε̂:
+docs/results.md, Stage 5); "f2" (16x16x4
 latents, for a teacher trained with configs/shapes/teacher.py:f2, e.g. the shipped
 assets/shapes/teacher_f2.msgpack); and "quick" / "tiny".
 """
@@ -22,7 +23,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     variants = common.variants(
         arg,
         (
-            *("1", "2", "3", "all", "no_nc", "no_disc", "no_backward", "no_srl", "srl_student"),
+            *("1", "2", "3", "all", "no_nc", "no_disc", "no_backward", "no_srl", "srl_fresh"),
             *("f2", "quick", "tiny"),
         ),
         "configs/shapes/imagine_flash.py",
@@ -47,7 +48,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
             gamma_b=0.0,  # γ offset
             gamma_shift=0.5,  # s of the "sd3" shift
             gamma_jitter=0.0,  # uniform ± jitter of t_Φ in timesteps
-            srl_noise="fresh",  # re-noising ε': "fresh" | "student" (its own ε̂: deterministic χ)
+            # re-noising ε': "student" (its own ε̂: χ is deterministic) | "fresh" (the paper's; with
+            # it the target is mostly ε' at large t and the student regresses to the mean: Stage 5)
+            srl_noise="student",
             teacher_steps=2,  # k: teacher solve steps from t_Φ to 0
             teacher_sampler="ddim",  # "ddim" | "dpmpp_2m"
             guidance_scale=base.sample.guidance_scale,  # teacher CFG inside the solve
@@ -71,8 +74,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.imagine_flash.backward = False
     if "no_srl" in variants:
         c.imagine_flash.srl = False
-    if "srl_student" in variants:
-        c.imagine_flash.srl_noise = "student"
+    if "srl_fresh" in variants:
+        c.imagine_flash.srl_noise = "fresh"
     if "quick" in variants:
         c.total_steps, c.checkpoint_every, c.sample_every, c.log_every = 200, 200, 200, 10
     if "tiny" in variants:
