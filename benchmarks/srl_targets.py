@@ -3,13 +3,15 @@ backward distillation's, scored like generated images.
 
   python -m benchmarks.srl_targets                                   # the student at step 0
   python -m benchmarks.srl_targets --student runs/comparison/if3_s0  # a trained student
+  python -m benchmarks.srl_targets --config configs/shapes/imagine_flash.py:3,srl_fresh  # ε' fresh
   python -m benchmarks.srl_targets --set imagine_flash.gamma_a=0.9   # another γ
 
 For each student timestep t of the N-step student (`--config`, default the 3-step testbed
 config on the shipped 8x8 teacher), on `--num-images` eval prompts with fixed noise:
   x_t       the student's own rollout from x_T to t (as in training, noise correction per config)
   student   x̂0^Θ(x_t, t), the student's estimate (what the loss moves)
-  SRL       the teacher's k-step CFG solve from α_{t_Φ}·x̂0^Θ + σ_{t_Φ}·ε' at t_Φ = γ(t)
+  SRL       the teacher's k-step CFG solve from α_{t_Φ}·x̂0^Θ + σ_{t_Φ}·ε' at t_Φ = γ(t), ε' as
+            `imagine_flash.srl_noise` says (the student's own ε̂, or fresh noise)
   plain     the teacher's k-step CFG solve from x_t at t (the `no_srl` ablation's target)
 each decoded and scored with the shipped judge (FD-judge, mean alignment, chroma). A target
 worse than the student's own estimate pulls the student down. Writes srl_targets.json to $OUT if
