@@ -1,8 +1,9 @@
 """Forward-pass speed: flash-jax UNet (jitted) vs diffusers UNet2DConditionModel (PyTorch).
 
 Both run the same random weights (imported with `flash_jax.weights.unet_from_diffusers`; the
-outputs are checked to agree) in float32. JAX runs on its default backend; PyTorch on the CPU
-with one thread per core. Prints a table and writes JSON.
+outputs are checked to agree) in float32. JAX runs on its default backend, once per attention
+implementation in `--attention`; PyTorch on the CPU with one thread per core. Prints a table and
+writes JSON.
 
   python benchmarks/unet_vs_diffusers.py --channels 128,256,256 --size 32 --batch 4
 """
@@ -10,6 +11,7 @@ with one thread per core. Prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -39,7 +41,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--size", type=int, default=32, help="latent side")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument(
+        "--attention",
+        default="default,per_head",
+        help="flash-jax attention implementations to time, comma-separated (UNetConfig."
+        'attention_implementation; "default": jax.nn.dot_product_attention\'s choice)',
+    )
     p.add_argument("--out", default="benchmarks/results/unet_vs_diffusers.json")
     return p.parse_args(argv)
 
@@ -73,33 +81,45 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(os.cpu_count() or 1)
     torch_model = UNet2DConditionModel(**config_dict).eval()
     n_params = sum(p.numel() for p in torch_model.parameters())
-    config = unet.UNetConfig.from_diffusers(dict(torch_model.config))
+    base_config = unet.UNetConfig.from_diffusers(dict(torch_model.config))
     state_dict = {k: v.numpy() for k, v in torch_model.state_dict().items()}
-    params = jax.device_put(weights.unet_from_diffusers(state_dict, config))
+    params = jax.device_put(weights.unet_from_diffusers(state_dict, base_config))
 
     rs = np.random.RandomState(0)
     x = rs.randn(args.batch, 4, args.size, args.size).astype(np.float32)
     t = rs.randint(0, 1000, size=args.batch)
     ctx = rs.randn(args.batch, args.seq_len, args.cross_dim).astype(np.float32)
 
-    apply = jax.jit(unet.UNet(config).apply)
-    jx = [jax.device_put(a) for a in (x.transpose(0, 2, 3, 1), t, ctx)]
-    t0 = time.perf_counter()
-    out = jax.block_until_ready(apply({"params": params}, *jx))
-    compile_s = time.perf_counter() - t0
-    jax_ms = _time(
-        lambda: jax.block_until_ready(apply({"params": params}, *jx)), args.warmup, args.iters
-    )
-
     tx = [torch.from_numpy(a) for a in (x, t, ctx)]
     with torch.no_grad():
         ref = torch_model(*tx).sample.numpy()
         torch_ms = _time(lambda: torch_model(*tx), args.warmup, args.iters)
-    rel_err = float(
-        np.linalg.norm(np.asarray(out).transpose(0, 3, 1, 2) - ref) / np.linalg.norm(ref)
-    )
+    torch_med = statistics.median(torch_ms)
 
-    jax_med, torch_med = statistics.median(jax_ms), statistics.median(torch_ms)
+    jx = [jax.device_put(a) for a in (x.transpose(0, 2, 3, 1), t, ctx)]
+    timed = {}
+    for name in args.attention.split(","):
+        impl = None if name == "default" else name
+        config = dataclasses.replace(base_config, attention_implementation=impl)
+        apply = jax.jit(unet.UNet(config).apply)
+        t0 = time.perf_counter()
+        out = jax.block_until_ready(apply({"params": params}, *jx))
+        compile_s = time.perf_counter() - t0
+        ms = _time(
+            lambda apply=apply: jax.block_until_ready(apply({"params": params}, *jx)),
+            args.warmup,
+            args.iters,
+        )
+        rel_err = float(
+            np.linalg.norm(np.asarray(out).transpose(0, 3, 1, 2) - ref) / np.linalg.norm(ref)
+        )
+        timed[name] = dict(
+            compile_s=compile_s,
+            ms=ms,
+            median_ms=statistics.median(ms),
+            speedup_vs_torch=torch_med / statistics.median(ms),
+            output_rel_l2=rel_err,
+        )
     result = dict(
         benchmark="unet_vs_diffusers",
         config=config_dict,
@@ -115,28 +135,23 @@ def main(argv: list[str] | None = None) -> dict:
         versions=dict(
             jax=jax.__version__, torch=torch.__version__, python=platform.python_version()
         ),
-        jax_compile_s=compile_s,
-        jax_ms=jax_ms,
         torch_ms=torch_ms,
-        jax_median_ms=jax_med,
         torch_median_ms=torch_med,
-        speedup_vs_torch=torch_med / jax_med,
-        output_rel_l2=rel_err,
+        jax=timed,
     )
     print(
         f"UNet {channels}, {n_params / 1e6:.1f} M params, batch {args.batch}, "
-        f"{args.size}x{args.size} latents, {args.seq_len} tokens, float32"
+        f"{args.size}x{args.size} latents, {args.seq_len} tokens, float32, "
+        f"median of {args.iters}"
     )
-    print(f"{'implementation':<28}{'ms / forward (median)':>24}{'min':>10}{'ratio':>8}")
-    print(
-        f"{'flash-jax (jax ' + jax.default_backend() + ')':<28}{jax_med:>24.1f}"
-        f"{min(jax_ms):>10.1f}{1.0:>8.2f}"
-    )
-    print(
-        f"{'diffusers (torch cpu)':<28}{torch_med:>24.1f}{min(torch_ms):>10.1f}"
-        f"{torch_med / jax_med:>8.2f}"
-    )
-    print(f"jax compile {compile_s:.1f} s; outputs agree to rel L2 {rel_err:.1e}")
+    header = f"{'implementation':<40}{'ms / forward':>14}{'min':>10}{'time vs diffusers':>19}"
+    print(header + f"{'rel L2 vs diffusers':>21}{'compile s':>11}")
+    for name, r in timed.items():
+        print(
+            f"{'flash-jax, attention ' + name:<40}{r['median_ms']:>14.1f}{min(r['ms']):>10.1f}"
+            f"{r['median_ms'] / torch_med:>18.2f}×{r['output_rel_l2']:>21.1e}{r['compile_s']:>11.1f}"
+        )
+    print(f"{'diffusers (torch cpu)':<40}{torch_med:>14.1f}{min(torch_ms):>10.1f}{1.0:>18.2f}×")
     out_path = Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(result, indent=2) + "\n")

@@ -56,6 +56,9 @@ MODEL_OPTIONS: dict[str, Any] = {
     "dtype": "float32",  # compute dtype of the UNet and text encoder(s) ("bfloat16" at scale)
     "remat": False,  # rematerialise UNet / text encoder blocks in the backward pass
     "force_zeros_for_empty_prompt": False,  # SDXL: the empty prompt's conditioning is zeros
+    # UNet attention: "" (jax.nn.dot_product_attention's choice), "xla", "cudnn", or "per_head"
+    # (one head at a time: faster on CPUs at long sequences, docs/performance.md)
+    "attention_implementation": "",
 }
 _ARCHITECTURES = ("unet", "text", "text_2", "autoencoder")
 _FLAX_KNOBS = ("dtype", "param_dtype", "remat", "attention_implementation")
@@ -140,7 +143,11 @@ class T2I:
         text_cfg = text.CLIPTextConfig.from_transformers(m.text.to_dict(), **knobs)
         text_2 = m.get("text_2")
         return cls(
-            unet=unet.UNetConfig.from_diffusers(m.unet.to_dict(), **knobs),
+            unet=unet.UNetConfig.from_diffusers(
+                m.unet.to_dict(),
+                attention_implementation=opt["attention_implementation"] or None,
+                **knobs,
+            ),
             text=text_cfg,
             autoencoder=autoencoder.AutoencoderConfig.from_diffusers(m.autoencoder.to_dict()),
             schedule=diffusion.make_schedule(**config.schedule.to_dict()),

@@ -116,6 +116,16 @@ def test_configs_parse_and_validate(name, variant):
         pipeline.load_teacher(config, model)
 
 
+def test_attention_implementation_reaches_the_unet_and_is_checked():
+    config = sd15_imagine_flash.get_config("")
+    assert pipeline.T2I.from_config(config).unet.attention_implementation is None  # "": JAX's
+    config.model.attention_implementation = "per_head"
+    assert pipeline.T2I.from_config(config).unet.attention_implementation == "per_head"
+    config.model.attention_implementation = "flash"
+    with pytest.raises(ValueError, match=r"attention_implementation='flash'"):
+        pipeline.T2I.from_config(config)
+
+
 def test_unknown_variant_is_an_error():
     with pytest.raises(ValueError, match="unknown variants"):
         sd15_imagine_flash.get_config("v100")

@@ -6,6 +6,7 @@ dict, compare outputs and down/mid features, export back and reload with `strict
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -179,6 +180,15 @@ def test_forward_matches_diffusers(case):
     for i, (f, r) in enumerate(zip(case["features"], case["ref_features"], strict=True)):
         assert f.shape == r.shape, (i, f.shape, r.shape)
         assert _rel(f, r) < TOL, f"{case['name']}: feature {i} rel L2 {_rel(f, r):.2e}"
+
+
+def test_per_head_attention_matches_diffusers(case):
+    """`attention_implementation="per_head"` (the CPU path: one head at a time) gives diffusers'
+    output too, for self- and cross-attention."""
+    config = dataclasses.replace(case["config"], attention_implementation="per_head")
+    out, _ = _flax_forward(config, case["params"], case["x"])
+    err = _rel(out, case["ref"])
+    assert err < TOL, f"{case['name']}: rel L2 {err:.2e}"
 
 
 def test_export_loads_strictly_into_diffusers(case):

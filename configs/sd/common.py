@@ -204,6 +204,7 @@ def imagine_flash(
             variant="",  # weight files there: "" (*.safetensors) or "fp16" (*.fp16.safetensors)
             dtype="bfloat16",  # UNet / text encoder compute dtype (params stay float32)
             remat=True,  # rematerialise UNet blocks: activations are the memory bottleneck
+            attention_implementation="",  # "": JAX's choice | "xla" | "cudnn" | "per_head" (CPUs)
             force_zeros_for_empty_prompt=text_2 is not None,  # SDXL's model_index.json setting
         )
     )

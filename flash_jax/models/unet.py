@@ -116,7 +116,8 @@ class UNetConfig:
     dtype: Dtype = jnp.float32  # compute dtype
     param_dtype: Dtype = jnp.float32  # parameter dtype
     remat: bool = False  # rematerialise every resnet and transformer block (saves memory)
-    attention_implementation: str | None = None  # jax.nn.dot_product_attention: None/"xla"/"cudnn"
+    # None / "xla" / "cudnn" (jax.nn.dot_product_attention) | "per_head" (CPUs: layers.py)
+    attention_implementation: str | None = None
 
     def __post_init__(self):
         n = len(self.block_out_channels)
@@ -125,6 +126,11 @@ class UNetConfig:
         set_("down_block_types", tuple(self.down_block_types))
         set_("up_block_types", tuple(self.up_block_types))
         set_("upcast_attention", bool(self.upcast_attention))  # config.json files say null or false
+        if self.attention_implementation not in (None, "xla", "cudnn", "per_head"):
+            raise ValueError(
+                f"attention_implementation={self.attention_implementation!r}: "
+                "None, 'xla', 'cudnn' or 'per_head'"
+            )
         for key in (
             "layers_per_block",
             "cross_attention_dim",
