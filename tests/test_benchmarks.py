@@ -1,6 +1,8 @@
-"""The benchmarks' own pieces: the SD1.5 config copy, the in-memory frozen models, XLA analysis."""
+"""The benchmarks' own pieces: the SD1.5 config copy, the in-memory frozen models, XLA analysis, and
+the UNet-against-diffusers timing on a tiny UNet."""
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -81,3 +83,15 @@ def test_scan_correction_recovers_the_unrolled_flop_count():
     want = common.flops_of(jax.jit(unrolled).lower(x).compile())
     assert common.loops_counted_once()
     assert raw + 3 * body == pytest.approx(want, rel=0.01)
+
+
+def test_unet_vs_diffusers_times_every_attention_on_matching_outputs(tmp_path):
+    pytest.importorskip("diffusers")
+    from benchmarks import unet_vs_diffusers
+
+    args = "--channels 32,64 --heads 2 --cross-dim 32 --seq-len 5 --size 8 --batch 1 --iters 1"
+    result = unet_vs_diffusers.main([*args.split(), "--out", str(tmp_path / "r.json")])
+    assert set(result["jax"]) == {"default", "per_head"}
+    for timed in result["jax"].values():
+        assert timed["output_rel_l2"] < 1e-5 and len(timed["ms"]) == 1
+    assert json.loads((tmp_path / "r.json").read_text())["jax"].keys() == result["jax"].keys()
