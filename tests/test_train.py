@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from configs.shapes import autoencoder as ae_config
+from flash_jax import methods, weights
 from flash_jax.train import checkpoint, loop, preemption, tensorboard
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,6 +83,46 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(uninterrupted, tmp_pat
             f.write_bytes(b"garbage")
     with pytest.raises(checkpoint.CheckpointError, match="no readable checkpoint"):
         checkpoint.restore_latest(manager, abstract)
+
+
+def test_frozen_encoder_keeps_the_latent_space_and_trains_the_decoder(uninterrupted, tmp_path):
+    """`init_from` + `freeze_encoder`: the encoder side keeps the loaded values bit for bit, in the
+    parameters and the EMA that consumers load, while the decoder trains."""
+    start_dir, _ = uninterrupted
+    start = checkpoint.load_params(start_dir)
+    config = tiny_config(init_from=str(start_dir), freeze_encoder=True, ema_decay=0.0)
+    state = jax.device_get(loop.train(config, tmp_path))
+    for trained in (state.params, state.ema_params, checkpoint.load_params(tmp_path)):
+        for part in ("encoder", "quant_conv"):
+            assert_trees_identical(trained[part], start[part])
+        moved = [
+            not np.array_equal(x, y)
+            for x, y in zip(_leaves(trained["decoder"]), _leaves(start["decoder"]), strict=True)
+        ]
+        assert sum(moved) > len(moved) // 2, f"{sum(moved)} of {len(moved)} decoder leaves moved"
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"freeze_encoder": True}, "freeze_encoder=True needs config.init_from"),
+        (
+            {"freeze_encoder": True, "init_from": "assets/shapes/autoencoder.msgpack"},
+            "needs config.ema_decay=0, got 0.99",
+        ),
+    ],
+    ids=["no init_from", "EMA on"],
+)
+def test_frozen_encoder_refuses_incomplete_configs(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        methods.get("autoencoder")(tiny_config(**overrides))
+
+
+def test_init_from_another_architecture_names_the_file_and_the_shapes(tmp_path):
+    config = tiny_config(init_from="assets/shapes/autoencoder.msgpack")  # "base", not "tiny"
+    with pytest.raises(weights.WeightsError, match=r"config.init_from=assets/shapes/autoencoder"):
+        loop.train(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
 
 
 def test_nan_stops_without_checkpoint(tmp_path):

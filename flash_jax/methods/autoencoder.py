@@ -1,6 +1,7 @@
 """Trains the AutoencoderKL of the latent space: L1 + L2 reconstruction + a small KL term.
 
-config reads: model.autoencoder, kl_weight, decoder_noise (optional, default 0).
+config reads: model.autoencoder, kl_weight, decoder_noise (optional, default 0), init_from and
+freeze_encoder (optional, default "" and False).
 
 `decoder_noise` makes the decoder robust to the small latent errors a diffusion model makes: each
 example's latent gets extra Gaussian noise of std u · decoder_noise · std(posterior means of the
@@ -8,6 +9,12 @@ batch), u ~ U(0, 1), before decoding. The std is measured on the batch (without 
 encoder cannot escape the noise by growing its latents. With the tiny KL weight alone the posterior
 std is ~0.2 % of the latent std, and a decoder that never saw errors turns a diffusion model's
 errors into speckle (docs/results.md, "A second trial: factor-2 latents").
+
+`init_from` (a workdir or exported `.msgpack`) starts from a trained autoencoder's EMA parameters
+instead of a random init. With `freeze_encoder` the encoder and `quant_conv` keep those values bit
+for bit and only the decoder trains: the latent space, and so every teacher trained on it, stays
+valid while the reconstructions improve. That needs `ema_decay = 0`: the EMA `d·e + (1 − d)·p` of a
+constant `p` drifts from it by float rounding (~1e-6 relative).
 """
 
 from __future__ import annotations
@@ -17,8 +24,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from flash_jax import weights
 from flash_jax.methods import Method
 from flash_jax.models import autoencoder
+from flash_jax.train import checkpoint
+
+ENCODER_SIDE = ("encoder", "quant_conv")  # the parameters that define the latent space
 
 
 def make(config: ml_collections.ConfigDict) -> Method:
@@ -26,6 +37,29 @@ def make(config: ml_collections.ConfigDict) -> Method:
     noise = float(config.get("decoder_noise", 0.0))
     if noise < 0:
         raise ValueError(f"config.decoder_noise must be >= 0, got {noise}")
+    init_from = config.get("init_from", "")
+    freeze_encoder = bool(config.get("freeze_encoder", False))
+    if freeze_encoder and not init_from:
+        raise ValueError("config.freeze_encoder=True needs config.init_from (the trained encoder)")
+    if freeze_encoder and config.ema_decay != 0:
+        raise ValueError(
+            f"config.freeze_encoder=True needs config.ema_decay=0, got {config.ema_decay}: the EMA "
+            "would move the frozen encoder by float rounding"
+        )
+
+    def init(rng):
+        if not init_from:
+            return autoencoder.init_params(ae, rng)
+        params = checkpoint.load_params(init_from)
+        weights.check_params_match(
+            params,
+            weights.model_abstract("autoencoder", ae),
+            f"config.init_from={init_from} (for config.model.autoencoder)",
+        )
+        return params
+
+    def keep_encoder(params, new_params):
+        return {k: params[k] if k in ENCODER_SIDE else v for k, v in new_params.items()}
 
     def prepare_batch(raw: dict) -> dict:
         return {"image": np.asarray(raw["image"])}
@@ -58,11 +92,12 @@ def make(config: ml_collections.ConfigDict) -> Method:
         return jnp.clip(jnp.round((x + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
 
     return Method(
-        init=lambda rng: autoencoder.init_params(ae, rng),
+        init=init,
         load_frozen=dict,
         generator_loss=generator_loss,
         prepare_batch=prepare_batch,
         sample=sample,
+        post_update=keep_encoder if freeze_encoder else None,
         logical_axes=lambda: jax.eval_shape(
             autoencoder.AutoencoderKL(ae).init,
             jax.random.PRNGKey(0),
