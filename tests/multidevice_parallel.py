@@ -1,5 +1,7 @@
 """Multi-device checks on 8 simulated CPU devices; run by tests/test_parallel.py in its own process
-(`python -m tests.multidevice_parallel OUT_DIR`), since the device count is fixed at jax import.
+(`python -m tests.multidevice_parallel OUT_DIR TINY_ASSETS`), since the device count is fixed at jax
+import. TINY_ASSETS is the `tiny_assets` fixture's directory: its random tiny teacher and
+autoencoder are the frozen models (initialising them here would cost half a minute of compiles).
 
 1. The tiny Imagine Flash step (`loop.place`: sharded init, frozen models, compiled step, global
    batches) on the mesh (data, fsdp, tensor) = (2,2,2) gives the loss, metrics, parameters, EMA,
@@ -23,15 +25,12 @@ os.environ["XLA_FLAGS"] = (
 import sys
 from pathlib import Path
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from configs.shapes import imagine_flash as if_config
 from flash_jax import parallel
-from flash_jax.models import autoencoder
-from flash_jax.pipeline import T2I
 from flash_jax.train import checkpoint, loop
 
 MESHES = ((2, 2, 2),)  # data, fsdp and tensor parallel at once (each mesh costs minutes here)
@@ -40,7 +39,7 @@ BATCH = 8
 STEPS = 2
 
 
-def tiny_config(tmp: Path):
+def tiny_config(assets: Path):
     """Tiny Imagine Flash with random frozen models; lr > 0 from the second step (warm-up 1).
 
     Adam's ε is raised to 1e-3: with the default 1e-8, parameters whose gradient is exactly zero
@@ -49,14 +48,9 @@ def tiny_config(tmp: Path):
     counts. With ε ≫ noise each update is a smooth function of the gradient, so updated
     parameters compare at float32 tolerance like the gradients themselves."""
     config = if_config.get_config("tiny")
-    model = T2I.from_config(config)
-    teacher = model.init(jax.random.PRNGKey(10))
-    vae = autoencoder.init_params(model.autoencoder, jax.random.PRNGKey(11))
-    for name, tree in (("teacher", teacher), ("vae", vae)):
-        (tmp / f"{name}.msgpack").write_bytes(flax.serialization.msgpack_serialize(tree))
     with config.unlocked():
-        config.teacher_workdir = str(tmp / "teacher.msgpack")
-        config.autoencoder_workdir = str(tmp / "vae.msgpack")
+        config.teacher_workdir = str(assets / "teacher.msgpack")
+        config.autoencoder_workdir = str(assets / "autoencoder.msgpack")
         config.batch_size = BATCH
         for opt in (config.optimizer, config.disc_optimizer):
             opt.warmup_steps, opt.eps = 1, 1e-3
@@ -120,9 +114,9 @@ def sharded_leaves(state) -> int:
     return sum(not leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(state))
 
 
-def main(out: Path) -> None:
+def main(out: Path, assets: Path) -> None:
     assert jax.device_count() == 8, jax.devices()
-    config = tiny_config(out)
+    config = tiny_config(assets)
     data = loop.make_data(config.data, BATCH)
     batches = [next(data) for _ in range(STEPS)]
 
@@ -189,4 +183,4 @@ def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), Path(sys.argv[2]))
