@@ -19,6 +19,8 @@ constant `p` drifts from it by float rounding (~1e-6 relative).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -47,9 +49,8 @@ def make(config: ml_collections.ConfigDict) -> Method:
             "would move the frozen encoder by float rounding"
         )
 
-    def init(rng):
-        if not init_from:
-            return autoencoder.init_params(ae, rng)
+    @functools.cache  # init is traced for shapes, then run: read and check the file once
+    def loaded_params():
         params = checkpoint.load_params(init_from)
         weights.check_params_match(
             params,
@@ -57,6 +58,9 @@ def make(config: ml_collections.ConfigDict) -> Method:
             f"config.init_from={init_from} (for config.model.autoencoder)",
         )
         return params
+
+    def init(rng):
+        return loaded_params() if init_from else autoencoder.init_params(ae, rng)
 
     def keep_encoder(params, new_params):
         return {k: params[k] if k in ENCODER_SIDE else v for k, v in new_params.items()}
