@@ -1,7 +1,8 @@
 """Parity of `flash_jax.models.unet.UNet` with diffusers `UNet2DConditionModel` (PyTorch).
 
 Tiny SD1-, SD2- and SDXL-shaped configs with random (perturbed) weights: import the torch state
-dict, compare outputs and down/mid features, export back and reload with `strict=True`.
+dict, compare outputs and down/mid features, export back and reload with `strict=True`. Also the
+conv layer's patch-matrix path for maps smaller than the kernel, against torch's conv2d.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from flash_jax import weights
-from flash_jax.models import unet
+from flash_jax.models import layers, unet
 
 TOL = 1e-4  # relative L2
 
@@ -286,3 +287,46 @@ def test_from_pretrained_reads_a_diffusers_pipeline_folder(tmp_path):
     ref, _ = _torch_forward(model, x)
     out, _ = _flax_forward(config, params, x)
     assert _rel(out, ref) < TOL
+
+
+@pytest.mark.parametrize(
+    ("hw", "patches"), [((1, 1), True), ((2, 2), True), ((2, 5), True), ((4, 4), False)]
+)
+def test_conv_matches_torch_and_uses_patches_only_on_maps_smaller_than_the_kernel(hw, patches):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, *hw, 5)).astype(np.float32)
+    kernel = rng.standard_normal((3, 3, 5, 7)).astype(np.float32)
+    bias = rng.standard_normal(7).astype(np.float32)
+    params = {"params": {"kernel": kernel, "bias": bias}}
+    layer = layers.conv(7, 3)
+    got = np.asarray(jax.jit(layer.apply)(params, x))
+    expected = torch.nn.functional.conv2d(
+        torch.from_numpy(x).permute(0, 3, 1, 2),
+        torch.from_numpy(kernel).permute(3, 2, 0, 1),
+        torch.from_numpy(bias),
+        padding=1,
+    )
+    assert _rel(got, expected.permute(0, 2, 3, 1).numpy()) < 1e-6
+    program = str(jax.make_jaxpr(layer.apply)(params, x))
+    assert ("conv_general_dilated" not in program) == patches
+
+
+def test_patch_conv_gradients_and_asymmetric_padding_match_lax():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 2, 3, 4)).astype(np.float32)
+    kernel = rng.standard_normal((3, 3, 4, 6)).astype(np.float32)
+    dims = jax.lax.conv_dimension_numbers(x.shape, kernel.shape, ("NHWC", "HWIO", "NHWC"))
+
+    def loss(conv_fn, x, kernel):
+        y = conv_fn(x, kernel, (1, 1), ((0, 1), (2, 0)), dimension_numbers=dims)
+        return (y * np.arange(y.size, dtype=np.float32).reshape(y.shape)).sum(), y
+
+    (_, got), got_grads = jax.value_and_grad(
+        functools.partial(loss, layers.conv_general_dilated), (0, 1), has_aux=True
+    )(x, kernel)
+    (_, want), want_grads = jax.value_and_grad(
+        functools.partial(loss, jax.lax.conv_general_dilated), (0, 1), has_aux=True
+    )(x, kernel)
+    assert got.shape == want.shape == (2, 1, 3, 6)
+    for a, b in zip((got, *got_grads), (want, *want_grads), strict=True):
+        assert _rel(np.asarray(a), np.asarray(b)) < 1e-6

@@ -80,8 +80,50 @@ def conv(
         dtype=dtype,
         param_dtype=param_dtype,
         kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), CONV_AXES),
+        conv_general_dilated=conv_general_dilated,
         name=name,
     )
+
+
+def conv_general_dilated(
+    lhs: Array,
+    rhs: Array,
+    window_strides: Sequence[int],
+    padding: Any,
+    lhs_dilation: Sequence[int] | None = None,
+    rhs_dilation: Sequence[int] | None = None,
+    dimension_numbers: Any = None,
+    feature_group_count: int = 1,
+    precision: Any = None,
+) -> Array:
+    """`lax.conv_general_dilated`, except that an NHWC input smaller than the kernel in a spatial
+    dimension (a 3×3 conv on a 2×2 map) is a patch matrix times the kernel.
+
+    XLA:CPU lowers such convs by swapping the operands, which ran ~7× slower than the matmul at
+    (16, 2, 2, 64) and was a quarter of the testbed UNet's forward (docs/performance.md). The
+    result is the same convolution (float32, other summation order).
+    """
+    args = (window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers)
+    nhwc = dimension_numbers == jax.lax.conv_dimension_numbers(
+        lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC")
+    )
+    plain = (
+        all(s == 1 for s in window_strides)
+        and all(d == 1 for d in (lhs_dilation or ()) + tuple(rhs_dilation or ()))
+        and feature_group_count == 1
+        and not isinstance(padding, str)
+    )
+    small = lhs.ndim == 4 and any(n < k for n, k in zip(lhs.shape[1:3], rhs.shape[:2], strict=True))
+    if not (nhwc and plain and small):
+        return jax.lax.conv_general_dilated(
+            lhs, rhs, *args, feature_group_count=feature_group_count, precision=precision
+        )
+    kh, kw, c_in, c_out = rhs.shape
+    x = jnp.pad(lhs, ((0, 0), *padding, (0, 0)))
+    h, w = x.shape[1] - kh + 1, x.shape[2] - kw + 1
+    patches = [x[:, i : i + h, j : j + w, :] for i in range(kh) for j in range(kw)]
+    patches = jnp.concatenate(patches, axis=-1)  # (B, h, w, kh·kw·C_in), kernel's (kh, kw, C_in)
+    return jnp.dot(patches, rhs.reshape(kh * kw * c_in, c_out), precision=precision)
 
 
 def constrain_image(x: Array) -> Array:
