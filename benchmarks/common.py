@@ -63,17 +63,35 @@ def timed(fn: Callable, *args: Any, iters: int, warmup: int = 1) -> dict[str, fl
     first_s = time.perf_counter() - start
     for _ in range(warmup - 1):
         jax.block_until_ready(fn(*args))
-    times = []
+    times = interleaved({"": functools.partial(fn, *args)}, iters=iters)[""]
+    return {"first_s": first_s} | summary(times)
+
+
+def interleaved(
+    calls: dict[str, Callable[[], Any]], *, iters: int, stop: Callable[[], bool] = lambda: False
+) -> dict[str, list[float]]:
+    """Milliseconds of `iters` rounds, each calling every one of `calls` once in turn (blocking on
+    its output). Programs compared by a ratio then see the same machine: on a shared box the speed
+    drifts by ±15 % over a minute, and timing one program after the other puts that drift into the
+    ratio. `stop()` is asked after each round (a time budget); at least one round runs."""
+    times: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(iters):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append((time.perf_counter() - start) * 1e3)
+        for name, call in calls.items():
+            start = time.perf_counter()
+            jax.block_until_ready(call())
+            times[name].append((time.perf_counter() - start) * 1e3)
+        if stop():
+            break
+    return times
+
+
+def summary(times_ms: list[float]) -> dict[str, float]:
+    """Median / min / mean of a list of milliseconds, and how many there are (`iters`)."""
     return {
-        "first_s": first_s,
-        "median_ms": statistics.median(times),
-        "min_ms": min(times),
-        "mean_ms": statistics.fmean(times),
-        "iters": iters,
+        "median_ms": statistics.median(times_ms),
+        "min_ms": min(times_ms),
+        "mean_ms": statistics.fmean(times_ms),
+        "iters": len(times_ms),
     }
 
 

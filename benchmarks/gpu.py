@@ -298,23 +298,18 @@ def forward_section(
 def sampling_section(
     run: Run, jobs: dict, compiles: Compiles, peak_tflops: float | None, ctx: dict
 ) -> dict:
-    busy = {}
-
-    def ready(name: str) -> None:
-        compiles.result(name)
-        busy[name] = compiles.running()  # still compiling while this one is timed
-
     out = sampling_bench.measure(
         jobs,
         batch=run.args.batch,
         iters=run.args.iters,
         flops_per_eval=ctx.get("unet_flops", 0.0),
         peak_tflops=peak_tflops,
-        ready=ready,
+        ready=compiles.result,
         over_budget=run.over_budget,
     )
-    for name, compiling in busy.items():
-        out[name]["compiling"] = compiling
+    still_compiling = compiles.running()  # these compiled on the host while the samplers ran
+    for row in out.values():
+        row["compiling"] = still_compiling
     return out
 
 

@@ -22,14 +22,16 @@ donated state. The parts, each jitted alone on the same inputs, are everything t
 FLOPs come from XLA's cost analysis of each compiled program, corrected for `lax.scan` bodies being
 counted once (the rollout's and the teacher solve's trip counts are known); utilisation is against
 the measured fp32 matmul rate of this machine. Compile time: the fused step's lower + compile, and
-each part's first call. Also counts the fused step's compiled executables after several calls
-(must be 1). Prints a table and writes JSON.
+each part's first call. Every program is then timed in --iters interleaved rounds (one call each in
+turn), so that the ratio compares programs timed under the same conditions. Also counts the fused
+step's compiled executables after several calls (must be 1). Prints a table and writes JSON.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import time
 
 import jax
@@ -87,14 +89,17 @@ def main() -> None:
         carry["state"], metrics = fused(carry["state"], frozen, batch)
         return carry["state"], metrics
 
-    rows["fused step"] = common.timed(fused_call, iters=args.iters, warmup=2)
-    executables = fused._cache_size()
     b = args.batch
     x = jnp.zeros(model.latent_shape(b, config.data.image_size))
     fwd = sampling_bench.unet_flops(model, teacher["unet"], x)
     rollout_trips = max(ifc.student_steps) - 1
     scans = {"rollout": (rollout_trips, fwd), "solve": (ifc.teacher_steps, 2 * fwd)}
-    rows["fused step"]["flops"] = corrected(common.flops_of(compiled), scans.values(), counted_once)
+    calls = {"fused step": fused_call}
+    rows["fused step"] = {
+        "first_s": first_call_s(fused_call),
+        "flops": corrected(common.flops_of(compiled), scans.values(), counted_once),
+    }
+    jax.block_until_ready(fused_call())  # a second warm-up call: the chained state is now donated
 
     fresh = common.imagine_flash_state(config, tx, disc_tx, k_state, teacher, vae)  # donated
     pieces = parts(
@@ -102,9 +107,14 @@ def main() -> None:
     )
     for name, (fn, args_, loops) in pieces.items():
         jitted = jax.jit(fn)
-        rows[name] = common.timed(jitted, *args_, iters=args.iters)
+        calls[name] = functools.partial(jitted, *args_)
+        rows[name] = {"first_s": first_call_s(calls[name])}  # before the AOT compile below
         raw = common.flops_of(jitted.lower(*args_).compile())
         rows[name]["flops"] = corrected(raw, loops, counted_once)
+    # Interleaved rounds: the ratio fused / sum of parts compares programs timed alike.
+    for name, times in common.interleaved(calls, iters=args.iters).items():
+        rows[name] |= common.summary(times)
+    executables = fused._cache_size()
 
     parts_ms = sum(r["median_ms"] for k, r in rows.items() if k != "fused step")
     parts_flops = sum(r["flops"] for k, r in rows.items() if k != "fused step")
@@ -155,6 +165,13 @@ def main() -> None:
         executables=executables,
     )
     print("wrote", common.write_json(result, "imagine_flash_step.json", args.out))
+
+
+def first_call_s(call) -> float:
+    """Seconds of the first call (trace, compile and one run for a fresh jitted function)."""
+    start = time.perf_counter()
+    jax.block_until_ready(call())
+    return time.perf_counter() - start
 
 
 def corrected(raw: float, loops, counted_once: bool) -> float:

@@ -6,9 +6,10 @@ Testbed model (configs/shapes/teacher.py, 8×8×4 latents), random weights: spee
 training. Every sampler is `flash_jax.sampling.sample` (one compiled `lax.scan`): the student's
 N-step DDIM with noise correction, unguided (what the Imagine Flash student runs), against the
 teacher's DDIM with CFG (conditional and unconditional halves in one batched call per step).
-Latency is per batch (median of --iters calls after a compiling call); "speedup" is the teacher's
-latency over the student's and "ideal" the ratio of UNet evaluations per image (CFG counts 2).
-Text encoding and VAE decoding are timed once and added for the end-to-end figures.
+Latency is per batch: the median of --iters rounds that call every program once in turn, after a
+compiling call each. "speedup" is the teacher's latency over the student's and "ideal" the ratio
+of UNet evaluations per image (CFG counts 2). Text encoding and VAE decoding are timed in the same
+rounds and added for the end-to-end figures.
 Prints a table and writes JSON (benchmarks/results/sampling.json).
 """
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -111,35 +113,44 @@ def measure(
     ready: Callable[[str], Any] = lambda name: None,
     over_budget: Callable[[], bool] = lambda: False,
 ) -> dict[str, dict[str, Any]]:
-    """Times every job (its first call compiles unless `ready(name)` already waited for a compile
-    elsewhere); rows with latency, images/s, TFLOP/s, utilisation, end-to-end and speedups."""
+    """Times every job: a first call each (it compiles unless `ready(name)` already waited for a
+    compile elsewhere), then `iters` interleaved rounds (`common.interleaved`), so that the speedups
+    compare programs timed under the same conditions. Rows with latency (median), images/s,
+    TFLOP/s, utilisation, end-to-end and speedups."""
     out: dict[str, dict[str, Any]] = {}
-    b = batch
+    first_s: dict[str, float] = {}
     for name, job in jobs.items():
         if over_budget():
             out[name] = {"skipped": "over the time budget"}
             continue
         try:
             ready(name)
-            stats = common.timed(job.call, iters=iters)
+            start = time.perf_counter()
+            jax.block_until_ready(job.call())
+            first_s[name] = time.perf_counter() - start
         except Exception as e:  # one program failing keeps the others
             out[name] = {"error": f"{type(e).__name__}: {e}"}
-            continue
+    calls = {name: jobs[name].call for name in first_s}
+    for name, times in common.interleaved(calls, iters=iters, stop=over_budget).items():
+        stats = common.summary(times)
+        job = jobs[name]
         row: dict[str, Any] = {
             "latency_ms": stats["median_ms"],
             "min_ms": stats["min_ms"],
-            "first_call_s": stats["first_s"],
+            "first_call_s": first_s[name],
+            "iters": stats["iters"],
         }
         if job.config is not None:
             tflops = job.unet_evals * flops_per_eval / (stats["median_ms"] * 1e-3) / 1e12
             row |= {
                 "steps": job.config.num_steps,
                 "unet_evals_per_image": job.unet_evals,
-                "images_per_s": b / (stats["median_ms"] * 1e-3),
+                "images_per_s": batch / (stats["median_ms"] * 1e-3),
                 "tflops": tflops,
                 "utilisation": tflops / peak_tflops if peak_tflops else None,
             }
         out[name] = row
+    out = {name: out[name] for name in jobs}  # the jobs' order
     encode, decode = out.get("text encode", {}), out.get("vae decode", {})
     for row in out.values():
         if "steps" in row and "latency_ms" in encode and "latency_ms" in decode:
@@ -147,7 +158,7 @@ def measure(
             row["end_to_end_ms"] = (
                 row["latency_ms"] + encodes * encode["latency_ms"] + decode["latency_ms"]
             )
-            row["end_to_end_images_per_s"] = b / (row["end_to_end_ms"] * 1e-3)
+            row["end_to_end_images_per_s"] = batch / (row["end_to_end_ms"] * 1e-3)
     teachers = {k: v for k, v in out.items() if k.startswith("teacher") and "steps" in v}
     for name, row in out.items():
         if not (name.startswith("student") and "steps" in row):
