@@ -104,17 +104,17 @@ def conv_general_dilated(
     result is the same convolution (float32, other summation order).
     """
     args = (window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers)
-    nhwc = dimension_numbers == jax.lax.conv_dimension_numbers(
+    nhwc = (lhs.ndim, rhs.ndim) == (4, 4) and dimension_numbers == jax.lax.conv_dimension_numbers(
         lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC")
     )
     plain = (
         all(s == 1 for s in window_strides)
-        and all(d == 1 for d in (lhs_dilation or ()) + tuple(rhs_dilation or ()))
+        and all(d == 1 for d in tuple(lhs_dilation or ()) + tuple(rhs_dilation or ()))
         and feature_group_count == 1
         and not isinstance(padding, str)
     )
-    small = lhs.ndim == 4 and any(n < k for n, k in zip(lhs.shape[1:3], rhs.shape[:2], strict=True))
-    if not (nhwc and plain and small):
+    small = nhwc and any(n < k for n, k in zip(lhs.shape[1:3], rhs.shape[:2], strict=True))
+    if not (small and plain):
         return jax.lax.conv_general_dilated(
             lhs, rhs, *args, feature_group_count=feature_group_count, precision=precision
         )
