@@ -307,7 +307,7 @@ def sampling_section(
         ready=compiles.result,
         over_budget=run.over_budget,
     )
-    still_compiling = compiles.running()  # these compiled on the host while the samplers ran
+    still_compiling = compiles.running()  # these shared the host with the timed rounds
     for row in out.values():
         row["compiling"] = still_compiling
     return out
