@@ -85,6 +85,19 @@ def test_scan_correction_recovers_the_unrolled_flop_count():
     assert raw + 3 * body == pytest.approx(want, rel=0.01)
 
 
+def test_interleaved_rounds_call_every_program_once_in_turn_and_stop_after_a_round():
+    order = []
+    calls = {name: (lambda name=name: order.append(name) or jnp.zeros(())) for name in "abc"}
+    times = common.interleaved(calls, iters=3)
+    assert order == list("abc") * 3
+    assert {name: len(t) for name, t in times.items()} == {"a": 3, "b": 3, "c": 3}
+    assert common.summary(times["a"])["iters"] == 3
+
+    order.clear()
+    stopped = common.interleaved(calls, iters=5, stop=lambda: True)
+    assert order == list("abc") and all(len(t) == 1 for t in stopped.values())
+
+
 def test_unet_vs_diffusers_times_every_attention_on_matching_outputs(tmp_path):
     pytest.importorskip("diffusers")
     from benchmarks import unet_vs_diffusers
