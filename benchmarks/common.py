@@ -58,13 +58,19 @@ def timed(fn: Callable, *args: Any, iters: int, warmup: int = 1) -> dict[str, fl
     """Times `fn(*args)` (blocking on its output): `first_s` (the first call, i.e. trace + compile
     + one run for a fresh jitted function), then `iters` calls after `warmup - 1` more:
     median / min / mean milliseconds. A fixed number of calls, never a time-based loop."""
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    first_s = time.perf_counter() - start
+    call = functools.partial(fn, *args)
+    first_s = first_call_s(call)
     for _ in range(warmup - 1):
-        jax.block_until_ready(fn(*args))
-    times = interleaved({"": functools.partial(fn, *args)}, iters=iters)[""]
-    return {"first_s": first_s} | summary(times)
+        jax.block_until_ready(call())
+    return {"first_s": first_s} | summary(interleaved({"": call}, iters=iters)[""])
+
+
+def first_call_s(call: Callable[[], Any]) -> float:
+    """Seconds of one call, blocking on its output: for a fresh jitted function, trace + compile +
+    one run."""
+    start = time.perf_counter()
+    jax.block_until_ready(call())
+    return time.perf_counter() - start
 
 
 def interleaved(

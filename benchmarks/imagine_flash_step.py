@@ -96,7 +96,7 @@ def main() -> None:
     scans = {"rollout": (rollout_trips, fwd), "solve": (ifc.teacher_steps, 2 * fwd)}
     calls = {"fused step": fused_call}
     rows["fused step"] = {
-        "first_s": first_call_s(fused_call),
+        "first_s": common.first_call_s(fused_call),
         "flops": corrected(common.flops_of(compiled), scans.values(), counted_once),
     }
     jax.block_until_ready(fused_call())  # a second warm-up call: the chained state is now donated
@@ -108,7 +108,7 @@ def main() -> None:
     for name, (fn, args_, loops) in pieces.items():
         jitted = jax.jit(fn)
         calls[name] = functools.partial(jitted, *args_)
-        rows[name] = {"first_s": first_call_s(calls[name])}  # before the AOT compile below
+        rows[name] = {"first_s": common.first_call_s(calls[name])}  # before the AOT compile below
         raw = common.flops_of(jitted.lower(*args_).compile())
         rows[name]["flops"] = corrected(raw, loops, counted_once)
     # Interleaved rounds: the ratio fused / sum of parts compares programs timed alike.
@@ -165,13 +165,6 @@ def main() -> None:
         executables=executables,
     )
     print("wrote", common.write_json(result, "imagine_flash_step.json", args.out))
-
-
-def first_call_s(call) -> float:
-    """Seconds of the first call (trace, compile and one run for a fresh jitted function)."""
-    start = time.perf_counter()
-    jax.block_until_ready(call())
-    return time.perf_counter() - start
 
 
 def corrected(raw: float, loops, counted_once: bool) -> float:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -125,9 +124,7 @@ def measure(
             continue
         try:
             ready(name)
-            start = time.perf_counter()
-            jax.block_until_ready(job.call())
-            first_s[name] = time.perf_counter() - start
+            first_s[name] = common.first_call_s(job.call)
         except Exception as e:  # one program failing keeps the others
             out[name] = {"error": f"{type(e).__name__}: {e}"}
     calls = {name: jobs[name].call for name in first_s}
