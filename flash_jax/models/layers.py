@@ -99,9 +99,9 @@ def conv_general_dilated(
     """`lax.conv_general_dilated`, except that an NHWC input smaller than the kernel in a spatial
     dimension (a 3×3 conv on a 2×2 map) is a patch matrix times the kernel.
 
-    XLA:CPU lowers such convs by swapping the operands, which ran ~7× slower than the matmul at
-    (16, 2, 2, 64) and was a quarter of the testbed UNet's forward (docs/performance.md). The
-    result is the same convolution (float32, other summation order).
+    XLA:CPU lowers such convs by swapping the operands, which ran 3–7× slower than `patch_conv`
+    at the testbed UNet's 2×2 maps (`benchmarks/small_conv.py`, docs/performance.md). The result
+    is the same convolution (float32, other summation order).
     """
     args = (window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers)
     nhwc = (lhs.ndim, rhs.ndim) == (4, 4) and dimension_numbers == jax.lax.conv_dimension_numbers(
@@ -118,6 +118,13 @@ def conv_general_dilated(
         return jax.lax.conv_general_dilated(
             lhs, rhs, *args, feature_group_count=feature_group_count, precision=precision
         )
+    return patch_conv(lhs, rhs, padding, precision)
+
+
+def patch_conv(lhs: Array, rhs: Array, padding: Any, precision: Any = None) -> Array:
+    """Stride-1 NHWC conv `lhs (B, H, W, C_in)` * `rhs (kh, kw, C_in, C_out)` with explicit
+    `padding ((top, bottom), (left, right))` as one matmul: the kh·kw shifted views of the padded
+    input side by side, times the kernel reshaped to `(kh·kw·C_in, C_out)`."""
     kh, kw, c_in, c_out = rhs.shape
     x = jnp.pad(lhs, ((0, 0), *padding, (0, 0)))
     h, w = x.shape[1] - kh + 1, x.shape[2] - kw + 1
