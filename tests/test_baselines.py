@@ -243,7 +243,7 @@ def test_lcm_sampler_matches_diffusers_and_f_is_the_identity_at_t0(lcm_setup):
     scheduler = LCMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     scheduler.set_timesteps(1)
     expected = scheduler.step(
-        torch.from_numpy(np.asarray(eps)), 999, torch.from_numpy(np.asarray(z))
+        torch.from_numpy(np.array(eps)), 999, torch.from_numpy(np.array(z))
     ).prev_sample
     np.testing.assert_allclose(got, expected.numpy(), rtol=1e-4, atol=1e-4)
 
