@@ -124,8 +124,8 @@ def make_scorer(model: T2I, vae: Any, num_images: int, image_size: int):
         return model.generate(params, vae, tok, uncond, x_T, sampler, rng)
 
     def score(params, sampler: sampling.SamplerConfig):
-        fn = functools.partial(run, sampler, params)
-        images = evaluate.generate_batched(fn, tokens, latent_shape, seed=0, batch_size=250)
+        fn = functools.partial(run, sampler)
+        images = evaluate.generate_batched(fn, params, tokens, latent_shape, seed=0, batch_size=250)
         return evaluate.score(images, labels, judge_params, judge_config, real_features), images
 
     return score, (real, real_row, captions)

@@ -152,6 +152,14 @@ def make_mesh(config: Mapping[str, int], devices: Sequence[Any] | None = None) -
     return Mesh(grid, AXES, axis_types=(AxisType.Auto,) * len(AXES))
 
 
+def local_batch_mesh(batch: int, devices: Sequence[Any] | None = None) -> Mesh:
+    """A 1-D `("data",)` mesh over the most of this process's devices (default: all local ones)
+    that divide `batch`: where sampling and evaluation split a batch, one slice per device."""
+    devices = list(devices if devices is not None else jax.local_devices())
+    count = max(n for n in range(1, len(devices) + 1) if batch % n == 0)
+    return Mesh(np.array(devices[:count]), ("data",), axis_types=(AxisType.Auto,))
+
+
 def _without_conv_in_batch_axes(rules: Rules, mesh: Mesh) -> Rules:
     """`rules` with the batch axes taken off `conv_in` (conv kernels' input channels) when the
     mesh also has `tensor` > 1; unchanged otherwise.

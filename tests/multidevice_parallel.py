@@ -11,6 +11,8 @@ autoencoder are the frozen models (initialising them here would cost half a minu
    within a few percent (on 1 device).
 3. A checkpoint written on (2,2,2) restores onto (1,8,1) and onto 1 device with identical values,
    in the target shardings (and, in the calling 1-device process, through `load_params`).
+4. `evaluate.generate_batched` splits 14 prompts in batches of 8 over 8 devices, then 6 over 6,
+   and samples what one device gives one image at a time.
 Prints one `CHECK <name> <max abs diff>` line per comparison, then `ALL OK`.
 """
 
@@ -30,7 +32,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs.shapes import imagine_flash as if_config
-from flash_jax import parallel
+from flash_jax import parallel, sampling
+from flash_jax.data import shapes
+from flash_jax.eval import evaluate
+from flash_jax.pipeline import T2I
 from flash_jax.train import checkpoint, loop
 
 MESHES = ((2, 2, 2),)  # data, fsdp and tensor parallel at once (each mesh costs minutes here)
@@ -114,6 +119,36 @@ def sharded_leaves(state) -> int:
     return sum(not leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(state))
 
 
+def check_generate_batched(config, assets: Path) -> None:
+    """The tiny teacher's 2-step samples (latents) of 14 prompts: batches of 8 and 6 split over
+    8 and 6 devices against batches of 1 on one device."""
+    model = T2I.from_config(config)
+    params = checkpoint.load_params(assets / "teacher.msgpack")
+    captions = [f"a {c} {s}" for c in shapes.COLORS[:7] for s in ("circle", "square")]
+    tokens = model.tokenizer()(captions)
+    sampler = sampling.SamplerConfig(num_steps=2, noise_correction=True)
+    devices_used = []
+
+    @jax.jit
+    def sample(params, tok, x_T):
+        cond = model.encode_text(params["text"], tok)
+        return sampling.sample(
+            model.apply_unet, params["unet"], x_T, model.schedule, sampler, cond=cond
+        )
+
+    def generate_fn(params, tok, x_T, rng):
+        del rng  # a deterministic sampler
+        devices_used.append(len(x_T.sharding.device_set))
+        return sample(params, tok, x_T)
+
+    shape = model.latent_shape(1, config.data.image_size)[1:]
+    got = evaluate.generate_batched(generate_fn, params, tokens, shape, seed=3, batch_size=8)
+    assert devices_used == [8, 6], devices_used
+    expected = evaluate.generate_batched(generate_fn, params, tokens, shape, seed=3, batch_size=1)
+    assert set(devices_used[2:]) == {1}, devices_used
+    assert_close("generate_batched on 8 and 6 devices", got, expected)
+
+
 def main(out: Path, assets: Path) -> None:
     assert jax.device_count() == 8, jax.devices()
     config = tiny_config(assets)
@@ -178,6 +213,7 @@ def main(out: Path, assets: Path) -> None:
         diff = max_diff(jax.device_get(restored), written)
         assert diff == 0.0, diff
         print(f"CHECK restore (2, 2, 2) -> {sizes} {diff:.3g}", flush=True)
+    check_generate_batched(config, assets)
     assert not FAILURES, FAILURES
     print("ALL OK", flush=True)
 

@@ -41,10 +41,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from flash_jax import methods, sampling
+from flash_jax import methods, parallel, sampling
 from flash_jax.data import shapes
 from flash_jax.eval import judge, metrics
 from flash_jax.pipeline import T2I
@@ -85,21 +87,34 @@ def initial_noise(seed: int, start: int, count: int, latent_shape: Sequence[int]
 
 
 def generate_batched(
-    generate_fn: Callable[[jax.Array, jax.Array, jax.Array], jax.Array],
+    generate_fn: Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array],
+    params: Any,
     tokens: np.ndarray,
     latent_shape: Sequence[int],
     seed: int = 0,
     batch_size: int = 50,
 ) -> np.ndarray:
-    """uint8 images `(N, H, W, 3)` of `generate_fn(tokens, x_T, rng)` over token ids `(N, L)` in
-    batches, with `initial_noise(seed, ...)`; `rng` (stochastic samplers' noise) depends on
-    (seed, batch start), so those samplers also depend on `batch_size`."""
+    """uint8 images `(N, H, W, 3)` of `generate_fn(params, tokens, x_T, rng)` over token ids
+    `(N, L)` in batches, with `initial_noise(seed, ...)`; `rng` (stochastic samplers' noise)
+    depends on (seed, batch start), so those samplers also depend on `batch_size`.
+
+    Each batch is split over this process's devices (`parallel.local_batch_mesh`: the most that
+    divide it) with `params` replicated on them: the images are those of one device, up to float
+    summation order, in a fraction of the time (docs/performance.md, "Several CPU devices").
+    """
     sampler_key = jax.random.fold_in(jax.random.PRNGKey(seed), 2**31 - 1)
+    placed: dict[int, Any] = {}  # params replicated, per mesh size
     out = []
     for start in range(0, len(tokens), batch_size):
-        tok = jnp.asarray(tokens[start : start + batch_size])
-        x_T = initial_noise(seed, start, len(tok), latent_shape)
-        out.append(np.asarray(generate_fn(tok, x_T, jax.random.fold_in(sampler_key, start))))
+        tok = tokens[start : start + batch_size]
+        mesh = parallel.local_batch_mesh(len(tok))
+        if mesh.size not in placed:
+            placed[mesh.size] = jax.device_put(params, NamedSharding(mesh, P()))
+        rows = NamedSharding(mesh, P("data"))
+        x_T = jax.device_put(initial_noise(seed, start, len(tok), latent_shape), rows)
+        rng = jax.device_put(jax.random.fold_in(sampler_key, start), NamedSharding(mesh, P()))
+        tok = jax.device_put(np.asarray(tok), rows)
+        out.append(np.asarray(generate_fn(placed[mesh.size], tok, x_T, rng)))
     return np.concatenate(out)
 
 
@@ -122,11 +137,12 @@ def generate(
         uncond = jnp.broadcast_to(empty, tok.shape)
         return model.generate({"unet": unet, "text": text}, vae, tok, uncond, x_T, sampler, rng)
 
-    def generate_fn(tok, x_T, rng):  # params are jit arguments, never baked into the program
-        return run(unet_params, text_params, vae_params, tok, x_T, rng)
+    def generate_fn(params, tok, x_T, rng):  # params are jit arguments, never baked in
+        return run(*params, tok, x_T, rng)
 
     shape = model.latent_shape(1, image_size)[1:]
-    return generate_batched(generate_fn, tokens, shape, seed, batch_size)
+    params = (unet_params, text_params, vae_params)
+    return generate_batched(generate_fn, params, tokens, shape, seed, batch_size)
 
 
 def score(
@@ -395,8 +411,8 @@ class Generator:
         model = T2I.from_config(self.config)
         tokens = model.tokenizer()(list(captions))
         shape = model.latent_shape(1, self.config.data.image_size)[1:]
-        fn = functools.partial(_call_generate, self._generate_jit, self.params, self.frozen, steps)
-        return generate_batched(fn, tokens, shape, seed, batch_size)
+        fn = functools.partial(_call_generate, self._generate_jit, steps)
+        return generate_batched(fn, (self.params, self.frozen), tokens, shape, seed, batch_size)
 
 
 def row_key(name: str, steps: int | str, prompt_set: str) -> str:
@@ -437,9 +453,9 @@ def real_row(prompts: PromptSet, judge_params, judge_config, data_seed: int) -> 
     return row | {"label": "real", "run": "real", "steps": 0, "prompt_set": prompts.name}
 
 
-def _call_generate(generate_jit, params, frozen, steps, tokens, x_T, rng):
+def _call_generate(generate_jit, steps, params_and_frozen, tokens, x_T, rng):
     # params and frozen models go in as jit arguments (never baked into the program)
-    return generate_jit(params, frozen, tokens, x_T, rng, steps)
+    return generate_jit(*params_and_frozen, tokens, x_T, rng, steps)
 
 
 def _write_json(path: Path, data: Any) -> None:
