@@ -1,6 +1,7 @@
 """Sampling speed: the few-step student against the CFG teacher, same model, same code path.
 
   python -m benchmarks.sampling [--batch 16] [--iters 5] [--teacher-steps 25,50] [--out FILE]
+  python -m benchmarks.sampling --cpu-devices 2 --out benchmarks/results/sampling_2cpu.json
 
 Testbed model (configs/shapes/teacher.py, 8×8×4 latents), random weights: speed does not depend on
 training. Every sampler is `flash_jax.sampling.sample` (one compiled `lax.scan`): the student's
@@ -10,6 +11,8 @@ Latency is per batch: the median of --iters rounds that call every program once 
 compiling call each. "speedup" is the teacher's latency over the student's and "ideal" the ratio
 of UNet evaluations per image (CFG counts 2). Text encoding and VAE decoding are timed in the same
 rounds and added for the end-to-end figures.
+The batch is split over the local devices that divide it (`parallel.local_batch_mesh`), as
+evaluation splits it; `--cpu-devices N` makes the CPU N devices (`jax_num_cpu_devices`).
 Prints a table and writes JSON (benchmarks/results/sampling.json).
 """
 
@@ -23,9 +26,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from benchmarks import common
-from flash_jax import sampling
+from flash_jax import parallel, sampling
 from flash_jax.pipeline import T2I
 
 PROMPT = "a red circle and a blue square"
@@ -51,14 +56,20 @@ def make_jobs(
     guidance_scale: float,
 ) -> dict[str, Job]:
     """The student samplers, the CFG teacher samplers, text encoding and VAE decoding of a batch
-    of `x_T.shape[0]` images; `params` = `{"unet", "text"}` (the student has the teacher's shape)."""
+    of `x_T.shape[0]` images; `params` = `{"unet", "text"}` (the student has the teacher's shape).
+    The batch is split over `parallel.local_batch_mesh`, the weights replicated."""
     b = x_T.shape[0]
+    mesh = parallel.local_batch_mesh(b)
+    rows, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+    params, vae_params = jax.device_put((params, vae_params), replicated)
     tokenizer = model.tokenizer()
-    tokens = jnp.asarray(tokenizer([PROMPT] * b))
+    x_T, tokens, empty = jax.device_put(
+        (x_T, jnp.asarray(tokenizer([PROMPT] * b)), jnp.asarray(tokenizer([""] * b))), rows
+    )
     encode = jax.jit(model.encode_text)
     decode = jax.jit(model.to_images)
     cond = encode(params["text"], tokens)
-    uncond = encode(params["text"], jnp.asarray(tokenizer([""] * b)))
+    uncond = encode(params["text"], empty)
     configs = {
         f"student {n}": sampling.SamplerConfig(num_steps=n, noise_correction=True)
         for n in student_steps
@@ -205,8 +216,11 @@ def main() -> None:
     parser.add_argument("--teacher-steps", default="25,50")
     parser.add_argument("--guidance", type=float, default=4.0, help="testbed teacher's CFG")
     parser.add_argument("--peak-n", type=int, default=1024, help="fp32 matmul side for the peak")
+    parser.add_argument("--cpu-devices", type=int, default=0, help="CPU devices (0: JAX's)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    if args.cpu_devices:
+        jax.config.update("jax_num_cpu_devices", args.cpu_devices)  # before the backend starts
     from configs.shapes import teacher as teacher_config  # ml_collections: testbed only
 
     config = teacher_config.get_config()
@@ -230,7 +244,8 @@ def main() -> None:
     out = measure(
         jobs, batch=args.batch, iters=args.iters, flops_per_eval=flops, peak_tflops=peak["tflops"]
     )
-    print(f"\nSampling, testbed UNet, batch {args.batch}, {common.platform_info()['devices']}")
+    devices = common.platform_info()["devices"]
+    print(f"\nSampling, testbed UNet, batch {args.batch} over {len(devices)} device(s) {devices}")
     print(f"fp32 matmul peak {peak['tflops'] * 1e3:.1f} GFLOP/s; UNet eval {flops / 1e9:.2f} GFLOP")
     first_teacher = next(k for k in out if k.startswith("teacher")).removeprefix("teacher ")
     print_table(out, first_teacher.replace(" ", "_"))
