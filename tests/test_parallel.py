@@ -204,7 +204,8 @@ def test_distributed_is_a_no_op_for_one_process(monkeypatch):
 @pytest.mark.multidevice
 def test_eight_devices_match_one_and_checkpoints_reshard(tmp_path, tiny_assets):
     """Imagine Flash steps on the mesh (2,2,2) equal 1 device; a checkpoint of (2,2,2) restores
-    on (1,8,1) and 1 device (tests/multidevice_parallel.py)."""
+    on (1,8,1) and 1 device; evaluation batches split over 8 and 6 devices sample what 1 device
+    does (tests/multidevice_parallel.py)."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run(
         [sys.executable, "-m", "tests.multidevice_parallel", str(tmp_path), str(tiny_assets)],
