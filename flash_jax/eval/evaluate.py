@@ -108,11 +108,11 @@ def generate_batched(
     for start in range(0, len(tokens), batch_size):
         tok = tokens[start : start + batch_size]
         mesh = parallel.local_batch_mesh(len(tok))
+        rows, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
         if mesh.size not in placed:
-            placed[mesh.size] = jax.device_put(params, NamedSharding(mesh, P()))
-        rows = NamedSharding(mesh, P("data"))
+            placed[mesh.size] = jax.device_put(params, replicated)
         x_T = jax.device_put(initial_noise(seed, start, len(tok), latent_shape), rows)
-        rng = jax.device_put(jax.random.fold_in(sampler_key, start), NamedSharding(mesh, P()))
+        rng = jax.device_put(jax.random.fold_in(sampler_key, start), replicated)
         tok = jax.device_put(np.asarray(tok), rows)
         out.append(np.asarray(generate_fn(placed[mesh.size], tok, x_T, rng)))
     return np.concatenate(out)
