@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test lint format clean
+.PHONY: demo test docs docs-check lint format clean
 
 $(VENV)/.runtime: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,10 +19,18 @@ $(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
 demo: $(VENV)/.runtime
 	$(PY) -m flash_jax.demo --workdir runs/demo
 
-test: $(VENV)/.dev
-	$(VENV)/bin/ruff check flash_jax tests benchmarks configs launch
-	$(VENV)/bin/ruff format --check flash_jax tests benchmarks configs launch
-	$(PY) -m pytest -q -n auto --dist loadfile --durations=15
+test: $(VENV)/.dev docs-check
+	$(VENV)/bin/ruff check flash_jax tests benchmarks configs launch docs
+	$(VENV)/bin/ruff format --check flash_jax tests benchmarks configs launch docs
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q -n auto --dist loadfile --durations=15
+
+# The measured figures of README.md and docs/*.md, rendered from the JSON artifacts they name
+# (standard library only: no venv needed). docs-check changes nothing and fails on drift.
+docs:
+	$(PYTHON) docs/render.py
+
+docs-check:
+	$(PYTHON) docs/render.py --check
 
 format: $(VENV)/.dev
 	$(VENV)/bin/ruff check --fix flash_jax tests benchmarks configs launch

@@ -1,0 +1,314 @@
+"""Render every measured figure of README.md and docs/*.md from the committed artifacts.
+
+    python docs/render.py          # rewrite the figures in place (make docs)
+    python docs/render.py --check  # exit 1 naming doc, figure and artifact on drift (make docs-check)
+
+Standard library only (no JAX): it runs anywhere in a second. Prose stays hand-written; what the
+renderer owns is marked with HTML comments, invisible in rendered Markdown.
+
+A doc first binds names to artifacts (paths relative to the repository root):
+
+    <!-- artifacts
+    demo: docs/results/demo/results.json
+    -->
+
+An inline figure is a Python format spec and an expression over those names; the text between the
+markers is what the renderer writes:
+
+    <!-- fig .2f demo["student 3"].fd_judge -->2.27<!-- /fig -->
+
+Expressions allow names, constants, `x[key]`, `x.key` (a dict key), + - * / **, unary minus and
+the functions in FUNCTIONS (mean, sd, ...). A table renders one row per entry of a JSON dict (the
+key is the row label) or list:
+
+    <!-- table
+    rows: ablations.rows
+    keys: if3 => **Imagine Flash 3**; lcm3          (dict rows only; default: every key, in order)
+    label: method = name                             (header, and for list rows the label expression)
+    col: FD-judge = {.2f fd_judge.mean} ± {.2f fd_judge.ci95}
+    -->
+    | method | FD-judge |
+    ...
+    <!-- /table -->
+
+A cell template is text with {FMT EXPR} placeholders; inside a row the row's own fields are names
+too (`row` is the row, `key` its label), and `get(x, k)` gives None (an empty cell) for a missing
+key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import json
+import math
+import operator
+import re
+import statistics
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+
+FUNCTIONS: dict[str, Callable[..., Any]] = {
+    "mean": lambda *xs: statistics.fmean(xs),
+    "sd": lambda *xs: statistics.stdev(xs),  # sample standard deviation (n - 1), as over seeds
+    "median": lambda *xs: statistics.median(xs),
+    "min": min,
+    "max": max,
+    "abs": abs,
+    "sqrt": math.sqrt,
+    "len": len,
+    "get": lambda x, k: x.get(k) if isinstance(x, dict) else None,
+}
+_BINOPS = {
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: operator.truediv,
+    ast.Pow: operator.pow,
+}
+
+ARTIFACTS_RE = re.compile(r"<!-- artifacts\n(.*?)-->", re.S)
+FIG_RE = re.compile(r"<!-- fig (\S+) (.+?) -->(.*?)<!-- /fig -->")
+TABLE_RE = re.compile(r"(<!-- table\n(.*?)-->\n)(.*?)(<!-- /table -->)", re.S)
+PLACEHOLDER_RE = re.compile(r"\{(\S+) ([^{}]+)\}")
+
+
+class RenderError(Exception):
+    """A figure that cannot be rendered: bad marker, missing artifact or key."""
+
+
+@dataclasses.dataclass
+class Drift:
+    """One rendered figure whose text in the doc differs from what its artifacts give."""
+
+    doc: str
+    line: int
+    figure: str
+    artifacts: list[str]
+    found: str
+    expected: str
+
+    def __str__(self) -> str:
+        return (
+            f"{self.doc}:{self.line}: figure `{self.figure}` reads {self.found!r}, but "
+            f"{', '.join(self.artifacts) or 'its artifact'} gives {self.expected!r}"
+        )
+
+
+def evaluate(expr: str, names: dict[str, Any]) -> Any:
+    """Evaluates a restricted Python expression (see the module docstring) over `names`."""
+
+    def ev(node: ast.AST) -> Any:
+        if isinstance(node, ast.Expression):
+            return ev(node.body)
+        if isinstance(node, ast.Constant):
+            return node.value
+        if isinstance(node, ast.Name):
+            if node.id in names:
+                return names[node.id]
+            if node.id in FUNCTIONS:
+                return FUNCTIONS[node.id]
+            raise RenderError(f"unknown name {node.id!r}")
+        if isinstance(node, ast.Subscript | ast.Attribute):
+            obj = ev(node.value)
+            key = ev(node.slice) if isinstance(node, ast.Subscript) else node.attr
+            try:
+                return obj[key]
+            except (KeyError, IndexError, TypeError):
+                raise RenderError(f"no key {key!r} in {ast.unparse(node.value)}") from None
+        if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
+            return _BINOPS[type(node.op)](ev(node.left), ev(node.right))
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+            return -ev(node.operand)
+        if isinstance(node, ast.Tuple | ast.List):
+            return [ev(e) for e in node.elts]
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and not node.keywords:
+            if node.func.id not in FUNCTIONS:
+                raise RenderError(f"unknown function {node.func.id!r}")
+            return FUNCTIONS[node.func.id](*[ev(a) for a in node.args])
+        raise RenderError(f"unsupported expression {ast.unparse(node)!r}")
+
+    try:
+        tree = ast.parse(expr.strip(), mode="eval")
+    except SyntaxError as e:
+        raise RenderError(f"cannot parse {expr!r}: {e.msg}") from None
+    return ev(tree)
+
+
+def names_in(expr: str) -> set[str]:
+    """The names an expression reads (to say which artifacts a figure comes from)."""
+    try:
+        return {
+            n.id for n in ast.walk(ast.parse(expr.strip(), mode="eval")) if isinstance(n, ast.Name)
+        }
+    except SyntaxError:
+        return set()
+
+
+def fmt(value: Any, spec: str) -> str:
+    """format(value, spec); None is an empty cell, spec 's' any value as text."""
+    if value is None:
+        return ""
+    if spec == "s":
+        return str(value)
+    try:
+        return format(value, spec)
+    except (ValueError, TypeError) as e:
+        raise RenderError(f"cannot format {value!r} with {spec!r}: {e}") from None
+
+
+def fill(template: str, names: dict[str, Any]) -> str:
+    """Replaces each {FMT EXPR} placeholder of a cell template."""
+    return PLACEHOLDER_RE.sub(lambda m: fmt(evaluate(m.group(2), names), m.group(1)), template)
+
+
+def load_artifacts(text: str, root: Path, doc: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """Reads the doc's `<!-- artifacts -->` block: name -> parsed JSON, and name -> path."""
+    data, paths = {}, {}
+    for block in ARTIFACTS_RE.finditer(text):
+        for line in block.group(1).strip().splitlines():
+            name, sep, path = line.partition(":")
+            name, path = name.strip(), path.strip()
+            if not sep or not name.isidentifier() or not path:
+                raise RenderError(f"{doc}: artifacts line {line!r} is not `name: path`")
+            file = root / path
+            if not file.is_file():
+                raise RenderError(f"{doc}: artifact {name!r} is missing: {path}")
+            try:
+                data[name] = json.loads(file.read_text())
+            except json.JSONDecodeError as e:
+                raise RenderError(f"{doc}: artifact {path} is not JSON: {e}") from None
+            paths[name] = path
+    return data, paths
+
+
+def _split_spec(spec: str, doc: str, line: int) -> dict[str, list[str]]:
+    fields: dict[str, list[str]] = {}
+    for raw in spec.strip().splitlines():
+        key, sep, value = raw.partition(":")
+        if not sep or key.strip() not in ("rows", "keys", "label", "col"):
+            raise RenderError(
+                f"{doc}:{line}: table spec line {raw!r}: expected rows/keys/label/col"
+            )
+        fields.setdefault(key.strip(), []).append(value.strip())
+    if "rows" not in fields or "col" not in fields:
+        raise RenderError(f"{doc}:{line}: a table needs `rows:` and at least one `col:`")
+    return fields
+
+
+def render_table(spec: str, artifacts: dict[str, Any], doc: str, line: int) -> str:
+    """The Markdown table of a `<!-- table -->` spec (one line per row, trailing newline)."""
+    fields = _split_spec(spec, doc, line)
+    rows = evaluate(fields["rows"][0], artifacts)
+    header, _, label_expr = fields.get("label", [""])[0].partition("=")
+    cols = [c.partition("=") for c in fields["col"]]
+    if isinstance(rows, dict):
+        keys = (
+            [k.partition("=>") for k in fields["keys"][0].split(";")] if "keys" in fields else None
+        )
+        chosen = [(k.strip(), s.strip() or k.strip()) for k, _, s in keys] if keys else None
+        items = [(k, shown, rows.get(k)) for k, shown in chosen or [(k, k) for k in rows]]
+        for k, _, row in items:
+            if row is None:
+                raise RenderError(f"{doc}:{line}: table rows have no key {k!r}")
+    elif isinstance(rows, list):
+        if not label_expr.strip():
+            raise RenderError(f"{doc}:{line}: list rows need `label: Header = EXPR`")
+        items = [(i, None, row) for i, row in enumerate(rows)]
+    else:
+        raise RenderError(f"{doc}:{line}: `rows:` must give a dict or a list")
+    out = ["| " + " | ".join([header.strip()] + [c[0].strip() for c in cols]) + " |"]
+    out.append("|" + "---|" * (len(cols) + 1))
+    for key, shown, row in items:
+        names = {**artifacts, **(row if isinstance(row, dict) else {}), "row": row, "key": key}
+        label = shown if shown is not None else fill("{s " + label_expr.strip() + "}", names)
+        cells = [fill(c[2].strip(), names) for c in cols]
+        out.append("| " + " | ".join([label, *cells]) + " |")
+    return "\n".join(out) + "\n"
+
+
+def render(text: str, root: Path, doc: str) -> tuple[str, list[Drift]]:
+    """The doc with every figure and table rendered, and the figures that changed."""
+    if "<!-- fig " not in text and "<!-- table" not in text:
+        return text, []
+    artifacts, paths = load_artifacts(text, root, doc)
+    drifts: list[Drift] = []
+
+    def line_of(pos: int) -> int:
+        return text.count("\n", 0, pos) + 1
+
+    def sources(expr: str) -> list[str]:
+        return sorted(paths[n] for n in names_in(expr) if n in paths)
+
+    def table(m: re.Match) -> str:
+        spec = m.group(2)
+        try:
+            body = render_table(spec, artifacts, doc, line_of(m.start()))
+        except RenderError as e:
+            raise RenderError(f"{doc}:{line_of(m.start())}: {e}") from None
+        if body != m.group(3):
+            old, new = m.group(3).splitlines(), body.splitlines()
+            for i in range(max(len(old), len(new))):
+                a, b = (old[i] if i < len(old) else ""), (new[i] if i < len(new) else "")
+                if a != b:
+                    used = sorted(p for n, p in paths.items() if re.search(rf"\b{n}\b", spec))
+                    drifts.append(Drift(doc, line_of(m.start(3)) + i, "table row", used, a, b))
+        return m.group(1) + body + m.group(4)
+
+    def fig(m: re.Match) -> str:
+        spec, expr, found = m.group(1), m.group(2), m.group(3)
+        try:
+            expected = fmt(evaluate(expr, artifacts), spec)
+        except RenderError as e:
+            raise RenderError(f"{doc}:{line_of(m.start())}: figure `{expr}`: {e}") from None
+        if expected != found:
+            drifts.append(
+                Drift(doc, line_of(m.start()), f"{spec} {expr}", sources(expr), found, expected)
+            )
+        return f"<!-- fig {spec} {expr} -->{expected}<!-- /fig -->"
+
+    text = TABLE_RE.sub(table, text)
+    return FIG_RE.sub(fig, text), drifts
+
+
+def docs(root: Path) -> list[Path]:
+    """README.md and docs/*.md: every doc the renderer owns figures in."""
+    return [p for p in [root / "README.md", *sorted((root / "docs").glob("*.md"))] if p.is_file()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--check", action="store_true", help="change nothing; fail on drift")
+    parser.add_argument("--root", type=Path, default=ROOT, help="repository root")
+    args = parser.parse_args(argv)
+    problems: list[str] = []
+    for path in docs(args.root):
+        doc = str(path.relative_to(args.root))
+        text = path.read_text()
+        try:
+            new, drifts = render(text, args.root, doc)
+        except RenderError as e:
+            problems.append(str(e))
+            continue
+        if args.check:
+            problems += [str(d) for d in drifts]
+        elif new != text:
+            path.write_text(new)
+            print(f"{doc}: {len(drifts)} figure(s) rendered")
+    for p in problems:
+        print(p, file=sys.stderr)
+    if problems and args.check:
+        print(
+            "docs differ from their artifacts: run `make docs` (python docs/render.py)",
+            file=sys.stderr,
+        )
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""docs/render.py: the docs' figures are what their artifacts give, and drift is caught by name."""
+
+import importlib.util
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("docs_render", ROOT / "docs" / "render.py")
+render = sys.modules["docs_render"] = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(render)
+
+
+def declared_artifacts() -> dict[str, list[str]]:
+    """artifact path -> the docs that bind it."""
+    out: dict[str, list[str]] = {}
+    for doc in render.docs(ROOT):
+        for block in render.ARTIFACTS_RE.finditer(doc.read_text()):
+            for line in block.group(1).strip().splitlines():
+                out.setdefault(line.partition(":")[2].strip(), []).append(doc.name)
+    return out
+
+
+def copy_tree(tmp_path: Path) -> Path:
+    """README.md, docs/*.md and every declared artifact, at the same relative paths."""
+    for doc in render.docs(ROOT):
+        (tmp_path / doc.relative_to(ROOT)).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(doc, tmp_path / doc.relative_to(ROOT))
+    for path in declared_artifacts():
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / path, tmp_path / path)
+    return tmp_path
+
+
+def perturb(x):
+    """Every number of a JSON value moved (ints stay ints), the structure unchanged."""
+    if isinstance(x, dict):
+        return {k: perturb(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [perturb(v) for v in x]
+    if isinstance(x, bool) or not isinstance(x, int | float):
+        return x
+    return 3 * x + 1 if isinstance(x, int) else x * 1.37 + 0.11
+
+
+def test_committed_docs_match_their_artifacts(capsys):
+    assert render.main(["--check"]) == 0, capsys.readouterr().err
+
+
+def test_perturbing_any_declared_artifact_fails_the_check_naming_it(tmp_path, capsys):
+    root = copy_tree(tmp_path)
+    artifacts = declared_artifacts()
+    assert artifacts, "no doc binds an artifact"
+    for path in artifacts:
+        original = (root / path).read_text()
+        (root / path).write_text(json.dumps(perturb(json.loads(original))))
+        assert render.main(["--check", "--root", str(root)]) == 1, path
+        err = capsys.readouterr().err
+        assert path in err and "figure" in err, (path, err)
+        (root / path).write_text(original)
+    assert render.main(["--check", "--root", str(root)]) == 0
+
+
+def test_missing_artifact_is_named(tmp_path, capsys):
+    root = copy_tree(tmp_path)
+    path = next(iter(declared_artifacts()))
+    (root / path).unlink()
+    assert render.main(["--check", "--root", str(root)]) == 1
+    err = capsys.readouterr().err
+    assert "missing" in err and path in err
+
+
+DOC = """# t
+<!-- artifacts
+a: r.json
+-->
+FD <!-- fig .2f a.rows[1].fd.mean -->?<!-- /fig --> and mean ± sd over seeds
+<!-- fig .2f mean(a.rows[0].fd.mean, a.rows[1].fd.mean) -->?<!-- /fig --> ±
+<!-- fig .2f sd(a.rows[0].fd.mean, a.rows[1].fd.mean) -->?<!-- /fig -->, ratio
+<!-- fig .1f a.extra["x y"] / 2 -->?<!-- /fig -->.
+
+<!-- table
+rows: a.rows
+label: method = name
+col: FD-judge = {.2f fd.mean} ± {.2f fd.ci95} ({d len(fd.seeds)} seeds)
+col: nfe = {d get(row, "nfe")}
+-->
+<!-- /table -->
+"""
+ARTIFACT = {
+    "rows": [
+        {"name": "IF 3", "fd": {"mean": 2.0, "ci95": 0.125, "seeds": [1.9, 2.1]}, "nfe": 3},
+        {"name": "LCM 3", "fd": {"mean": 2.5, "ci95": 0.5, "seeds": [2.0, 3.0]}},
+    ],
+    "extra": {"x y": 3.0},
+}
+RENDERED = """FD <!-- fig .2f a.rows[1].fd.mean -->2.50<!-- /fig --> and mean ± sd over seeds
+<!-- fig .2f mean(a.rows[0].fd.mean, a.rows[1].fd.mean) -->2.25<!-- /fig --> ±
+<!-- fig .2f sd(a.rows[0].fd.mean, a.rows[1].fd.mean) -->0.35<!-- /fig -->, ratio
+<!-- fig .1f a.extra["x y"] / 2 -->1.5<!-- /fig -->.
+
+<!-- table
+rows: a.rows
+label: method = name
+col: FD-judge = {.2f fd.mean} ± {.2f fd.ci95} ({d len(fd.seeds)} seeds)
+col: nfe = {d get(row, "nfe")}
+-->
+| method | FD-judge | nfe |
+|---|---|---|
+| IF 3 | 2.00 ± 0.12 (2 seeds) | 3 |
+| LCM 3 | 2.50 ± 0.50 (2 seeds) |  |
+<!-- /table -->
+"""
+
+
+def test_renders_figures_and_a_table_from_a_list_of_rows(tmp_path):
+    (tmp_path / "r.json").write_text(json.dumps(ARTIFACT))
+    text, drifts = render.render(DOC, tmp_path, "t.md")
+    assert text.split("-->\n", 1)[1] == RENDERED  # sd of (2.0, 2.5) with n - 1: 0.3536
+    assert len(drifts) == 4 + 4  # four figures, four table lines (header, rule, two rows)
+    again, drifts = render.render(text, tmp_path, "t.md")
+    assert again == text and drifts == []
+
+
+def test_table_of_dict_rows_with_chosen_keys(tmp_path):
+    (tmp_path / "r.json").write_text(json.dumps({"b": {"v": 2}, "a": {"v": 1}}))
+    doc = "<!-- artifacts\nr: r.json\n-->\n<!-- table\nrows: r\nkeys: a => **A**; b\nlabel: k\ncol: v = {d v}\n-->\n<!-- /table -->\n"
+    text, _ = render.render(doc, tmp_path, "t.md")
+    assert "| k | v |\n|---|---|\n| **A** | 1 |\n| b | 2 |\n" in text
+
+
+@pytest.mark.parametrize(
+    ("doc", "message"),
+    [
+        ("<!-- fig .2f a.nope -->1<!-- /fig -->", "no key 'nope'"),
+        ("<!-- fig .2f open('x') -->1<!-- /fig -->", "unknown function 'open'"),
+        ("<!-- fig .2f a.__class__ -->1<!-- /fig -->", "no key '__class__'"),
+        ("<!-- fig .2f b -->1<!-- /fig -->", "unknown name 'b'"),
+    ],
+)
+def test_bad_figures_are_errors_naming_doc_and_figure(tmp_path, doc, message):
+    (tmp_path / "r.json").write_text(json.dumps({"x": 1.0}))
+    with pytest.raises(render.RenderError, match=r"t\.md:4") as e:
+        render.render("<!-- artifacts\na: r.json\n-->\n" + doc, tmp_path, "t.md")
+    assert message in str(e.value)
