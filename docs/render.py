@@ -10,15 +10,18 @@ A doc first binds names to artifacts (paths relative to the repository root):
 
     <!-- artifacts
     demo: docs/results/demo/results.json
+    cmp: docs/results/comparison/results.json
+    if3 = match(cmp.rows, "if3_s?|3|eval")
     -->
 
-An inline figure is a Python format spec and an expression over those names; the text between the
+(`name = EXPR` names a value computed from the names above it.) An inline figure is a Python format spec and an expression over those names; the text between the
 markers is what the renderer writes:
 
     <!-- fig .2f demo["student 3"].fd_judge -->2.27<!-- /fig -->
 
 Expressions allow names, constants, `x[key]`, `x.key` (a dict key), + - * / **, unary minus and
-the functions in FUNCTIONS (mean, sd, ...). A table renders one row per entry of a JSON dict (the
+the functions in FUNCTIONS: mean, sd (n - 1), median, min, max over arguments, a list, or
+`(rows, "key")`; `match(dict, glob)` the values whose keys match. A table renders one row per entry of a JSON dict (the
 key is the row label) or list:
 
     <!-- table
@@ -41,6 +44,7 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import fnmatch
 import json
 import math
 import operator
@@ -53,12 +57,26 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 
+
+def _values(args: tuple) -> list:
+    """f(a, b, c), f([a, b, c]) or f(rows, "key") (the key of every row) -> [a, b, c]."""
+    if len(args) == 2 and isinstance(args[0], list) and isinstance(args[1], str):
+        return [row[args[1]] for row in args[0]]
+    return list(args[0]) if len(args) == 1 and isinstance(args[0], list) else list(args)
+
+
+def _reducer(f: Callable[[list], Any]) -> Callable[..., Any]:
+    return lambda *args: f(_values(args))
+
+
 FUNCTIONS: dict[str, Callable[..., Any]] = {
-    "mean": lambda *xs: statistics.fmean(xs),
-    "sd": lambda *xs: statistics.stdev(xs),  # sample standard deviation (n - 1), as over seeds
-    "median": lambda *xs: statistics.median(xs),
-    "min": min,
-    "max": max,
+    "mean": _reducer(statistics.fmean),
+    "sd": _reducer(statistics.stdev),  # sample standard deviation (n - 1), as over seeds
+    "median": _reducer(statistics.median),
+    "min": _reducer(min),
+    "max": _reducer(max),
+    # the values of a dict whose keys match a glob, in key order: match(rows, "if3_s?|3|eval")
+    "match": lambda d, pattern: [v for k, v in d.items() if fnmatch.fnmatchcase(k, pattern)],
     "abs": abs,
     "sqrt": math.sqrt,
     "len": len,
@@ -167,11 +185,25 @@ def fill(template: str, names: dict[str, Any]) -> str:
     return PLACEHOLDER_RE.sub(lambda m: fmt(evaluate(m.group(2), names), m.group(1)), template)
 
 
-def load_artifacts(text: str, root: Path, doc: str) -> tuple[dict[str, Any], dict[str, str]]:
-    """Reads the doc's `<!-- artifacts -->` block: name -> parsed JSON, and name -> path."""
-    data, paths = {}, {}
+LET_RE = re.compile(r"^\s*(\w+)\s*=\s*(.+)$")
+
+
+def load_artifacts(text: str, root: Path, doc: str) -> tuple[dict[str, Any], dict[str, set[str]]]:
+    """Reads the doc's `<!-- artifacts -->` blocks: name -> value, and name -> the artifact paths
+    it comes from. A line `name: path` loads a JSON file; `name = EXPR` names an expression over
+    the names above it."""
+    data: dict[str, Any] = {}
+    paths: dict[str, set[str]] = {}
     for block in ARTIFACTS_RE.finditer(text):
         for line in block.group(1).strip().splitlines():
+            if let := LET_RE.match(line):
+                name, expr = let.groups()
+                try:
+                    data[name] = evaluate(expr, data)
+                except RenderError as e:
+                    raise RenderError(f"{doc}: artifacts line {line!r}: {e}") from None
+                paths[name] = {p for n in names_in(expr) for p in paths.get(n, ())}
+                continue
             name, sep, path = line.partition(":")
             name, path = name.strip(), path.strip()
             if not sep or not name.isidentifier() or not path:
@@ -183,7 +215,7 @@ def load_artifacts(text: str, root: Path, doc: str) -> tuple[dict[str, Any], dic
                 data[name] = json.loads(file.read_text())
             except json.JSONDecodeError as e:
                 raise RenderError(f"{doc}: artifact {path} is not JSON: {e}") from None
-            paths[name] = path
+            paths[name] = {path}
     return data, paths
 
 
@@ -243,7 +275,7 @@ def render(text: str, root: Path, doc: str) -> tuple[str, list[Drift]]:
         return text.count("\n", 0, pos) + 1
 
     def sources(expr: str) -> list[str]:
-        return sorted(paths[n] for n in names_in(expr) if n in paths)
+        return sorted({p for n in names_in(expr) for p in paths.get(n, ())})
 
     def table(m: re.Match) -> str:
         spec = m.group(2)
@@ -256,7 +288,7 @@ def render(text: str, root: Path, doc: str) -> tuple[str, list[Drift]]:
             for i in range(max(len(old), len(new))):
                 a, b = (old[i] if i < len(old) else ""), (new[i] if i < len(new) else "")
                 if a != b:
-                    used = sorted(p for n, p in paths.items() if re.search(rf"\b{n}\b", spec))
+                    used = sorted({p for n in re.findall(r"\w+", spec) for p in paths.get(n, ())})
                     drifts.append(Drift(doc, line_of(m.start(3)) + i, "table row", used, a, b))
         return m.group(1) + body + m.group(4)
 

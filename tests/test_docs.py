@@ -20,6 +20,8 @@ def declared_artifacts() -> dict[str, list[str]]:
     for doc in render.docs(ROOT):
         for block in render.ARTIFACTS_RE.finditer(doc.read_text()):
             for line in block.group(1).strip().splitlines():
+                if render.LET_RE.match(line):
+                    continue
                 out.setdefault(line.partition(":")[2].strip(), []).append(doc.name)
     return out
 
@@ -76,11 +78,12 @@ def test_missing_artifact_is_named(tmp_path, capsys):
 DOC = """# t
 <!-- artifacts
 a: r.json
+both = match(a.runs, "if3_s?")
 -->
 FD <!-- fig .2f a.rows[1].fd.mean -->?<!-- /fig --> and mean ± sd over seeds
 <!-- fig .2f mean(a.rows[0].fd.mean, a.rows[1].fd.mean) -->?<!-- /fig --> ±
 <!-- fig .2f sd(a.rows[0].fd.mean, a.rows[1].fd.mean) -->?<!-- /fig -->, ratio
-<!-- fig .1f a.extra["x y"] / 2 -->?<!-- /fig -->.
+<!-- fig .1f a.extra["x y"] / 2 -->?<!-- /fig -->, seeds <!-- fig .3f mean(both, "fd") -->?<!-- /fig -->.
 
 <!-- table
 rows: a.rows
@@ -96,11 +99,12 @@ ARTIFACT = {
         {"name": "LCM 3", "fd": {"mean": 2.5, "ci95": 0.5, "seeds": [2.0, 3.0]}},
     ],
     "extra": {"x y": 3.0},
+    "runs": {"if3_s0": {"fd": 2.0}, "if3_s1": {"fd": 2.5}, "if3_s10": {"fd": 9.0}},
 }
 RENDERED = """FD <!-- fig .2f a.rows[1].fd.mean -->2.50<!-- /fig --> and mean ± sd over seeds
 <!-- fig .2f mean(a.rows[0].fd.mean, a.rows[1].fd.mean) -->2.25<!-- /fig --> ±
 <!-- fig .2f sd(a.rows[0].fd.mean, a.rows[1].fd.mean) -->0.35<!-- /fig -->, ratio
-<!-- fig .1f a.extra["x y"] / 2 -->1.5<!-- /fig -->.
+<!-- fig .1f a.extra["x y"] / 2 -->1.5<!-- /fig -->, seeds <!-- fig .3f mean(both, "fd") -->2.250<!-- /fig -->.
 
 <!-- table
 rows: a.rows
@@ -120,7 +124,7 @@ def test_renders_figures_and_a_table_from_a_list_of_rows(tmp_path):
     (tmp_path / "r.json").write_text(json.dumps(ARTIFACT))
     text, drifts = render.render(DOC, tmp_path, "t.md")
     assert text.split("-->\n", 1)[1] == RENDERED  # sd of (2.0, 2.5) with n - 1: 0.3536
-    assert len(drifts) == 4 + 4  # four figures, four table lines (header, rule, two rows)
+    assert len(drifts) == 5 + 4  # five figures, four table lines (header, rule, two rows)
     again, drifts = render.render(text, tmp_path, "t.md")
     assert again == text and drifts == []
 
