@@ -1,6 +1,6 @@
 """Discrete variance-preserving noise schedules and the maths between ε, v and x0.
 
-Notation (METHOD.md): `x_t = α_t·x_0 + σ_t·ε` with `α_t = sqrt(ᾱ_t)`, `σ_t = sqrt(1 − ᾱ_t)`,
+Notation (docs/method.md): `x_t = α_t·x_0 + σ_t·ε`, `α_t = sqrt(ᾱ_t)`, `σ_t = sqrt(1 − ᾱ_t)`,
 integer training timesteps `t = 0 … T−1`. Schedules are numpy tables computed once (float64 maths,
 stored as float32 like diffusers' torch schedulers); the conversions below are pure jnp functions
 that work on any array shape (broadcast α/σ against `x`, e.g. `(B, 1, 1, 1)` for NHWC latents).

@@ -11,9 +11,9 @@ clean signal, ᾱ = 1, or to ᾱ_0 with `final_alpha_one=False` like diffusers' 
 diffusers' DDIM instead steps to `t_i − T//N`, which differs by one timestep for "trailing" and
 "linspace" spacings; the step functions take explicit (α, σ) so tests can use either rule.
 
-Noise Correction (Imagine Flash, METHOD.md §1): on the first step the DDIM direction term uses the
-true initial noise x_T instead of the model's ε̂; x̂0 still uses ε̂. Meant for trailing spacing,
-whose first step is t = T − 1.
+Noise Correction (Imagine Flash; docs/method.md, "The student's sampler"): on the first step
+the DDIM direction term uses the true initial noise x_T instead of the model's ε̂; x̂0 still uses
+ε̂. Meant for trailing spacing, whose first step is t = T − 1.
 """
 
 from __future__ import annotations

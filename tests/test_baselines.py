@@ -1,5 +1,5 @@
-"""The baselines (METHOD.md §6) on tiny random models: LCM, guided step distillation, ADD; the
-generic `Method.post_update` hook; the shared guidance embedding and discriminator R1 term."""
+"""The baselines (docs/method.md, "Baselines") on tiny random models: LCM, guided step
+distillation, ADD; the generic `Method.post_update` hook; the shared guidance embedding and discriminator R1 term."""
 
 import dataclasses
 import json

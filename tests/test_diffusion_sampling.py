@@ -218,7 +218,8 @@ def test_guided_sampling_uses_one_batched_call_per_step():
 
 
 def test_noise_correction_changes_only_the_first_direction_term():
-    """METHOD.md §1: step 1 uses x_T instead of ε̂ in the direction term; nothing else changes."""
+    """Noise correction (docs/method.md): step 1 uses x_T instead of ε̂ in the direction term;
+    nothing else changes."""
     schedule = diffusion.make_schedule()  # SD's ε-prediction schedule: ᾱ_{T−1} > 0
     plain = sampling.SamplerConfig(num_steps=3, spacing="trailing")
     corrected = dataclasses.replace(plain, noise_correction=True)

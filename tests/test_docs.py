@@ -1,7 +1,9 @@
 """docs/render.py: the docs' figures are what their artifacts give, and drift is caught by name."""
 
+import ast
 import importlib.util
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -150,3 +152,33 @@ def test_bad_figures_are_errors_naming_doc_and_figure(tmp_path, doc, message):
     with pytest.raises(render.RenderError, match=r"t\.md:4") as e:
         render.render("<!-- artifacts\na: r.json\n-->\n" + doc, tmp_path, "t.md")
     assert message in str(e.value)
+
+
+def _defines(tree: ast.AST, names: list[str]) -> bool:
+    """Whether `names` (e.g. ["make", "generator_loss"]) is a chain of nested definitions."""
+    if not names:
+        return True
+    for node in ast.iter_child_nodes(tree):
+        if isinstance(node, ast.FunctionDef | ast.ClassDef) and node.name == names[0]:
+            return _defines(node, names[1:])
+    return False
+
+
+def test_every_function_method_md_cites_exists():
+    """docs/method.md puts each equation next to `module.function`: each must be defined there."""
+    packages = {p.stem for p in (ROOT / "flash_jax").iterdir() if p.suffix == ".py" or p.is_dir()}
+    refs = re.findall(r"`([a-z_]+(?:\.\w+)+)`", (ROOT / "docs" / "method.md").read_text())
+    refs = [r for r in refs if r.split(".")[0] in packages]
+    assert len(refs) > 30
+    missing = []
+    for ref in refs:
+        parts = ref.split(".")
+        for n in range(len(parts), 0, -1):
+            file = ROOT.joinpath("flash_jax", *parts[:n]).with_suffix(".py")
+            if file.is_file():
+                if not _defines(ast.parse(file.read_text()), parts[n:]):
+                    missing.append(ref)
+                break
+        else:
+            missing.append(ref)
+    assert not missing, f"docs/method.md cites undefined functions: {missing}"

@@ -225,7 +225,7 @@ def imagine_flash(
         teacher_steps=4,  # k: teacher solve steps from t_Φ to 0
         guidance_scale=guidance_scale,  # teacher CFG inside the solve (the model's usual scale)
         disc_width=256,  # channels of each discriminator head
-        srl_noise="fresh",  # the paper's; the testbed prefers "student" (docs/results.md Stage 5)
+        srl_noise="fresh",  # the paper's; the testbed prefers "student" (docs/method.md)
     )
     c.imagine_flash = ml_collections.ConfigDict(knobs)
     for n in ("1", "2", "3"):

@@ -1,4 +1,4 @@
-"""Stage 1 of the testbed: the AutoencoderKL that defines the latent space.
+"""The testbed's AutoencoderKL that defines the latent space.
 
   python -m flash_jax.main --config configs/shapes/autoencoder.py --workdir runs/shapes/autoencoder
 Variants: "f2" (16x16x4 latents, 3500 steps: the recipe of assets/shapes/autoencoder_f2.msgpack),

@@ -1,5 +1,6 @@
-"""The testbed's Table 1 and ablation table (METHOD.md §5): every method on the same teacher, with
-the same budget, at least two training seeds each, evaluated on the same prompts and noise.
+"""The testbed's Table 1 and ablation table (docs/method.md, "The paper's numbers"): every method
+on the same teacher, with the same budget, at least two training seeds each, evaluated on the
+same prompts and noise.
 
 Two functions over ONE list of runs (`RUNS` + the step-distillation chain), with the same
 argument `arg`: comma-separated "tiny" (tiny models, 2 updates: a smoke run of the whole sweep),

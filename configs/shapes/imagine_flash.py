@@ -1,4 +1,4 @@
-"""Stage 4 of the testbed: distil the teacher into a few-step student with Imagine Flash.
+"""The testbed's Imagine Flash run: distil the teacher into a few-step student.
 
   python -m flash_jax.main --config configs/shapes/imagine_flash.py[:variants] \
       --workdir runs/shapes/if3 --config.teacher_workdir=runs/shapes/teacher \
@@ -6,7 +6,7 @@
 Variants (comma-separated): "1", "2", "3" (student steps; default 3), "all" (one student for 1/2/3),
 the paper's ablations "no_nc", "no_disc", "no_backward", "no_srl"; "srl_fresh" (SRL re-noised
 with fresh noise, as in the paper, instead of this testbed's default, the student's own ε̂:
-docs/results.md, Stage 5); "f2" (16x16x4
+docs/method.md, "Open points"); "f2" (16x16x4
 latents, for a teacher trained with configs/shapes/teacher.py:f2, e.g. the shipped
 assets/shapes/teacher_f2.msgpack); and "quick" / "tiny".
 """
@@ -49,7 +49,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
             gamma_shift=0.5,  # s of the "sd3" shift
             gamma_jitter=0.0,  # uniform ± jitter of t_Φ in timesteps
             # re-noising ε': "student" (its own ε̂: χ is deterministic) | "fresh" (the paper's; with
-            # it the target is mostly ε' at large t and the student regresses to the mean: Stage 5)
+            # it the target is mostly ε' at large t and the student regresses to the mean;
+            # docs/method.md, "Open points")
             srl_noise="student",
             teacher_steps=2,  # k: teacher solve steps from t_Φ to 0
             teacher_sampler="ddim",  # "ddim" | "dpmpp_2m"

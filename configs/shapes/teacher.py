@@ -1,4 +1,4 @@
-"""Stage 2 of the testbed: the text-to-image teacher (UNet + CLIP-style text encoder) on the
+"""The testbed's text-to-image teacher (UNet + CLIP-style text encoder) on the
 frozen stage-1 VAE's latents, with CFG dropout.
 
   python -m flash_jax.main --config configs/shapes/teacher.py --workdir runs/shapes/teacher \

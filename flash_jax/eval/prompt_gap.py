@@ -6,7 +6,7 @@ On N eval images, at fixed timesteps and with the same noise, the teacher's loss
 its own prediction type) given each image's own caption, another image's caption (the batch
 rolled by one) and the empty prompt. A teacher that binds its text predicts worse with the wrong
 caption: the relative gap `wrong / true − 1` is the cheapest check that the conditioning was learnt,
-long before its samples can be judged (docs/results.md, "Stage 2").
+long before its samples can be judged (docs/results.md, "Teacher").
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Adversarial diffusion distillation (ADD, Sauer et al. 2023; METHOD.md §6): the 4-step baseline.
+"""Adversarial diffusion distillation (ADD, Sauer et al. 2023; docs/method.md, "Baselines"): the
+4-step baseline.
 
 One generator step:
 

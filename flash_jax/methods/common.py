@@ -5,8 +5,8 @@
 - `alpha_sigma`, `predict_x0`: a network's clean estimate at integer timesteps;
   `guided_teacher_output`: the teacher's CFG output with a per-sample scale.
 - `LatentDiscriminator`: the LADD-style discriminator over the frozen teacher UNet's features
-  (METHOD.md §4), shared by Imagine Flash and ADD: logits, abstract initialisation, hinge losses
-  with an optional R1 penalty; `discriminator_fns`, the Method entries built on it.
+  (docs/method.md, "Adversarial term"), shared by Imagine Flash and ADD: logits, abstract
+  initialisation, hinge losses with an optional R1 penalty; `discriminator_fns`, the Method entries built on it.
 - Guidance-conditioned students (LCM, guided step distillation): `with_guidance_input` (the UNet
   also reads the guidance weight w through diffusers' `timestep_cond`), `student_from_teacher`
   (the teacher's weights, the new guidance projection at zero) and `guided_apply`.

@@ -1,4 +1,4 @@
-"""Imagine Flash (METHOD.md §1–4): backward distillation + shifted reconstruction loss + adversarial.
+"""Imagine Flash (docs/method.md): backward distillation + shifted reconstruction loss + GAN term.
 
 One generator step, all inside the trainer's single compiled program:
 

@@ -1,4 +1,5 @@
-"""Latent consistency distillation (LCM, Luo et al. 2023; METHOD.md §6): the 1/2/3-step baseline.
+"""Latent consistency distillation (LCM, Luo et al. 2023; docs/method.md, "Baselines"): the
+1/2/3-step baseline.
 
 One generator step (forward-noised REAL latents, like the paper):
 

@@ -1,5 +1,5 @@
-"""Guided step distillation (Meng et al. 2023 + Salimans & Ho 2022; METHOD.md §6): the 4-step
-baseline. One method, two stages, each stage a run of its own (configs/shapes/step_distill.py):
+"""Guided step distillation (Meng et al. 2023 + Salimans & Ho 2022; docs/method.md, "Baselines"):
+the 4-step baseline. One method, two stages, each stage a run of its own (configs/shapes/step_distill.py):
 
 stage "guidance" (Meng stage 1): a student that reads the guidance weight w (an embedding added to
 its timestep embedding, `common.with_guidance_input`) learns the CFG teacher's guided estimate in

@@ -1,4 +1,5 @@
-"""LADD-style discriminator heads over a FROZEN teacher UNet's features (METHOD.md §4).
+"""LADD-style discriminator heads over a FROZEN teacher UNet's features (docs/method.md,
+"Adversarial term").
 
 The teacher UNet (`UNet(..., return_features=True)`) turns a re-noised latent into one NHWC feature
 map per down block plus the mid block. Each map gets a light trainable head: conv 3x3 → GroupNorm →
