@@ -4,6 +4,7 @@ image–caption TFDS dataset -> latent cache written with a tiny SD-shaped VAE /
 
 import io
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -111,7 +112,7 @@ def test_bad_listings_are_reported(tmp_path):
     (tmp_path / "eval.tsv").write_text("a.png\tb\tc\n")
     with pytest.raises(ValueError, match=r"eval\.tsv:1: need `path<TAB>caption`, got 3"):
         list(captions.read_listing(tmp_path / "eval.tsv"))
-    with pytest.raises(FileNotFoundError, match=r"no <split>\.jsonl"):
+    with pytest.raises(FileNotFoundError, match=r"nothing: no such folder"):
         captions.find_listings(tmp_path / "nothing")
 
 
@@ -211,3 +212,35 @@ def test_cache_command_line_coexists_with_the_trainer_flags():
         cwd=ROOT, capture_output=True, text=True,
     ).stdout  # fmt: skip
     assert "--out" in help_text and "--dtype" in help_text
+
+
+def test_image_size_zero_is_the_caches_or_the_models(sd_config, latent_cache):
+    config = sd_config.copy_and_resolve_references()
+    with config.unlocked():
+        config.data.update(source="cache", data_dir=str(latent_cache), image_size=0)
+    cache.resolve_image_size(config)
+    assert config.data.image_size == 16  # what the cache was written at
+    config.data.update(source="captions", image_size=0)
+    config.model.unet.sample_size = 12  # metadata only: the nominal latent side
+    cache.resolve_image_size(config)  # the cache job: the UNet's sample_size x the VAE's factor 2
+    assert config.data.image_size == 24
+
+
+def test_a_cache_of_a_changed_source_is_refused(sd_config, image_folder, tmp_path):
+    folder = tmp_path / "images"
+    shutil.copytree(image_folder, folder)
+    config = sd_config.copy_and_resolve_references()
+    config.data.data_dir = str(captions.build_image_caption_tfds(folder, tmp_path / "tfds"))
+    out = tmp_path / "cache"
+    prepared = cache.write_cache(config, out, ("eval",), batch_size=2)
+    files = {p: p.stat().st_mtime_ns for p in prepared.iterdir()}
+    assert cache.write_cache(config, out, ("eval",), batch_size=2) == prepared  # same: kept
+    assert {p: p.stat().st_mtime_ns for p in prepared.iterdir()} == files
+
+    (folder / "eval.tsv").write_text(f"img/6.png\t{CAPTIONS[6]}\nimg/7.png\ta red dog\n")
+    captions.build_image_caption_tfds(folder, tmp_path / "tfds")  # rebuilt from the edit
+    with pytest.raises(ValueError, match=r"made from something else[\s\S]*source_fingerprint"):
+        cache.write_cache(config, out, ("eval",), batch_size=2)
+    with pytest.raises(ValueError, match=r"dtype: 'float16' != 'float32'"):
+        cache.write_cache(config, out, ("eval",), batch_size=2, dtype="float32")
+    assert {p: p.stat().st_mtime_ns for p in prepared.iterdir()} == files  # nothing rewritten

@@ -29,6 +29,8 @@ The job runs in one process and splits each batch over that host's local devices
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import os
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -166,6 +168,59 @@ def encoded_records(
             progress.update(n)
 
 
+def build_record(
+    config: ml_collections.ConfigDict, splits: tuple[str, ...], dtype: str, text: bool
+) -> dict[str, Any]:
+    """What a cache is made from, stored in its metadata and compared before reuse: the source
+    (`sources.source_fingerprint`), the weights folder and the model's architecture dicts, the
+    image size, the splits, the storage dtype and whether text is cached."""
+    model = {
+        k: v.to_dict() for k, v in config.model.items() if isinstance(v, ml_collections.ConfigDict)
+    }
+    return {
+        "source": f"{config.data.source}:{config.data.data_dir}",
+        "source_fingerprint": sources.source_fingerprint(config.data),
+        "pretrained": os.path.abspath(config.model.pretrained) if config.model.pretrained else "",
+        "architecture": hashlib.sha256(json.dumps(model, sort_keys=True).encode()).hexdigest(),
+        "image_size": config.data.image_size,
+        "splits": sorted(splits),
+        "dtype": dtype,
+        "text": bool(text),
+    }
+
+
+def prepared_dir(out: str | os.PathLike) -> Path:
+    """Where `write_cache(config, out)` puts the prepared dataset."""
+    return Path(out) / BUILDER_NAME / "cache" / str(LatentCacheBuilder.VERSION)
+
+
+def native_image_size(model: pipeline.T2I) -> int:
+    """The image size the model was trained at: the UNet's `sample_size` x the VAE's factor."""
+    if not model.unet.sample_size:
+        raise ValueError("config.model.unet has no sample_size: set config.data.image_size")
+    return model.unet.sample_size * model.autoencoder.downsample_factor
+
+
+def stored_image_size(data_dir: str | os.PathLike) -> int | None:
+    """The image size a prepared cache was written at (None: not recorded)."""
+    prepared = sources.find_prepared(data_dir, BUILDER_NAME)
+    info = tfds.builder_from_directory(os.fspath(prepared)).info
+    return info.metadata.get("image_size") if info.metadata else None
+
+
+def resolve_image_size(config: ml_collections.ConfigDict) -> None:
+    """Fills in `config.data.image_size = 0` (in place): the cache's when `config.data` reads a
+    cache, else the model's native size (`native_image_size`). A set size is left as is."""
+    if config.data.image_size:
+        return
+    if config.data.source == "cache":
+        if not config.data.data_dir:
+            raise ValueError("config.data.source='cache' needs config.data.data_dir")
+        config.data.image_size = stored_image_size(config.data.data_dir)
+    else:
+        config.data.image_size = native_image_size(pipeline.T2I.from_config(config))
+
+
 def write_cache(
     config: ml_collections.ConfigDict,
     out: str | os.PathLike,
@@ -178,10 +233,13 @@ def write_cache(
     `text`) and writes the cache under `out`; returns the prepared dataset directory.
 
     Weights: `config.model.pretrained` if set, else `config.autoencoder_workdir` and the text
-    encoder of `config.teacher_workdir`. A cache already prepared under `out` is kept as is.
+    encoder of `config.teacher_workdir`. Images are resized to `config.data.image_size` (0: the
+    model's native size). A cache already prepared under `out` from the same `build_record` is
+    kept as is; one made from anything else is refused, naming what differs.
 
     Raises:
-      ValueError: bad `dtype`, `batch_size`, or `config.data.source == "cache"`.
+      ValueError: bad `dtype`, `batch_size`, `config.data.source == "cache"`, or `out` holds a
+        cache of another source, model or setting.
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} is not one of {DTYPES}")
@@ -199,7 +257,24 @@ def write_cache(
             "no frozen text encoder: set config.model.pretrained or config.teacher_workdir, or "
             "cache latents only (text=False / --notext)"
         )
+    config = config.copy_and_resolve_references()
+    resolve_image_size(config)
     image_size = config.data.image_size
+    record = build_record(config, splits, dtype, text)
+    prepared = prepared_dir(out)
+    if (prepared / "dataset_info.json").is_file():
+        info = tfds.builder_from_directory(os.fspath(prepared)).info
+        stored = dict(info.metadata or {}).get("build", {})
+        differ = [
+            f"{k}: {stored.get(k)!r} != {v!r}" for k, v in record.items() if stored.get(k) != v
+        ]
+        if differ:
+            raise ValueError(
+                f"{prepared} holds a cache made from something else (stored != now):\n  "
+                + "\n  ".join(differ)
+                + "\nremove it or choose another --out"
+            )
+        return prepared
     shapes = feature_shapes(model, image_size, text)
     vae = pipeline.load_autoencoder(config, model)
     text_params = pipeline.load_teacher(config, model, parts=("text",))["text"] if text else None
@@ -231,6 +306,7 @@ def write_cache(
         "pretrained": model.pretrained,
         "source": f"{config.data.source}:{config.data.data_dir}",
         "text": bool(text),
+        "build": record,
     }
     builder = LatentCacheBuilder(
         shapes=shapes,
@@ -269,15 +345,13 @@ def make_cache_dataset(
       ValueError: the cache was written for another image size than `image_size`
         (config.data.image_size).
     """
-    prepared = sources.find_prepared(data_dir, BUILDER_NAME)
-    info = tfds.builder_from_directory(os.fspath(prepared)).info
-    cached_size = info.metadata.get("image_size") if info.metadata else None
+    cached_size = stored_image_size(data_dir)
     if cached_size != image_size:
         raise ValueError(
-            f"the cache at {prepared} holds {cached_size}px images, but "
-            f"config.data.image_size={image_size}"
+            f"the cache at {data_dir} holds {cached_size}px images, but "
+            f"config.data.image_size={image_size} (0: take the cache's, cache.resolve_image_size)"
         )
-    source = sources.tfds_source(prepared, split, BUILDER_NAME)
+    source = sources.tfds_source(data_dir, split, BUILDER_NAME)
     return sources.make_pipeline(source, batch_size, seed, _cache_example, **kwargs)
 
 

@@ -19,6 +19,8 @@ A batch is a dict of numpy arrays with a leading batch axis B:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -193,6 +195,24 @@ def find_prepared(data_dir: str | os.PathLike, builder_name: str = ShapesBuilder
             f"{what} under {root}; pass the directory its build function returned{listing}"
         )
     return found[0]
+
+
+def source_fingerprint(config: Any) -> str:
+    """SHA-256 naming the records `config` (a `config.data`) reads: the generator's settings for
+    Shapes rendered on the fly, else the prepared dataset's `dataset_info.json` (split sizes and
+    bytes) and `metadata.json` (an image–caption dataset's listing fingerprint)."""
+    if config.source == "shapes" and not config.data_dir:
+        settings = {"shapes": config.seed, "image_size": config.image_size}
+        return hashlib.sha256(json.dumps(settings).encode()).hexdigest()
+    from flash_jax.data import cache, captions
+
+    names = {"shapes": ShapesBuilder.name, "captions": captions.BUILDER_NAME}
+    prepared = find_prepared(config.data_dir, names.get(config.source, cache.BUILDER_NAME))
+    digest = hashlib.sha256()
+    for name in ("dataset_info.json", "metadata.json"):
+        if (prepared / name).is_file():
+            digest.update((prepared / name).read_bytes())
+    return digest.hexdigest()
 
 
 def tfds_source(data_dir: str | os.PathLike, split: str, builder_name: str = ShapesBuilder.name):
