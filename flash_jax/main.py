@@ -30,6 +30,7 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from flash_jax import parallel, pipeline, sampling
+from flash_jax.data import cache as data_cache
 from flash_jax.eval import evaluate
 from flash_jax.pipeline import T2I
 from flash_jax.train import checkpoint, loop, preemption
@@ -54,6 +55,12 @@ _GUIDANCE = flags.DEFINE_float(
 _NC = flags.DEFINE_bool("noise_correction", True, "sample: Imagine Flash noise correction")
 _SEED = flags.DEFINE_integer("seed", 0, "sample: initial-noise seed")
 _OUT = flags.DEFINE_string("out", "", "sample: output PNG (default WORKDIR/samples/sample.png)")
+_COMPILATION_CACHE = flags.DEFINE_string(
+    "compilation_cache",
+    "",
+    "persistent XLA compilation cache directory, so a restart does not recompile: "
+    "'' = WORKDIR/compilation_cache, 'none' = off",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -96,6 +103,11 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax is chatty at INFO
     parallel.initialize_distributed(_DISTRIBUTED.value)
+    if _COMPILATION_CACHE.value != "none":
+        default = _WORKDIR.value.rstrip("/") + "/compilation_cache"
+        jax.config.update("jax_compilation_cache_dir", _COMPILATION_CACHE.value or default)
+    if _MODE.value in ("train", "sample"):
+        data_cache.resolve_image_size(_CONFIG.value)  # 0: the cache's or the model's native size
     if _MODE.value == "train":
         state = loop.train(_CONFIG.value, _WORKDIR.value)
         if int(state.step) < _CONFIG.value.total_steps:  # stopped by SIGTERM, checkpointed
