@@ -19,10 +19,10 @@ markers is what the renderer writes:
 
     <!-- fig .2f demo["student 3"].fd_judge -->2.27<!-- /fig -->
 
-Expressions allow names, constants, `x[key]`, `x.key` (a dict key), + - * / **, unary minus and
-the functions in FUNCTIONS: mean, sd (n - 1), median, min, max over arguments, a list, or
-`(rows, "key")`; `match(dict, glob)` the values whose keys match. A table renders one row per entry of a JSON dict (the
-key is the row label) or list:
+Expressions allow names, constants, `x[key]`, `x.key` (a dict key), + - * / **, unary minus, lists
+and the functions in FUNCTIONS: mean, sd (n - 1), median, min, max over arguments, a list, or
+`(rows, "key")`; `match(dict, glob)`, the values whose keys match. A table renders one row per
+entry of a JSON dict (the key is the row label) or list:
 
     <!-- table
     rows: ablations.rows
@@ -34,7 +34,9 @@ key is the row label) or list:
     ...
     <!-- /table -->
 
-A cell template is text with {FMT EXPR} placeholders; inside a row the row's own fields are names
+Instead of `rows:` and `keys:`, a table may list its rows one per line, `row: EXPR => label`, each
+EXPR a dict or list (`pm(rows, "key", ".2f")` formats mean ± sd over a list of runs). A cell
+template is text with {FMT EXPR} placeholders; inside a row the row's own fields are names
 too (`row` is the row, `key` its label), and `get(x, k)` gives None (an empty cell) for a missing
 key.
 """
@@ -69,6 +71,12 @@ def _reducer(f: Callable[[list], Any]) -> Callable[..., Any]:
     return lambda *args: f(_values(args))
 
 
+def _pm(values: list, spec: str) -> str:
+    if len(values) == 1:
+        return format(values[0], spec)
+    return f"{statistics.fmean(values):{spec}} ± {statistics.stdev(values):{spec}}"
+
+
 FUNCTIONS: dict[str, Callable[..., Any]] = {
     "mean": _reducer(statistics.fmean),
     "sd": _reducer(statistics.stdev),  # sample standard deviation (n - 1), as over seeds
@@ -81,6 +89,8 @@ FUNCTIONS: dict[str, Callable[..., Any]] = {
     "sqrt": math.sqrt,
     "len": len,
     "get": lambda x, k: x.get(k) if isinstance(x, dict) else None,
+    # "mean ± sd" of the key over rows (training seeds) formatted with spec; the value alone for one
+    "pm": lambda rows, key, spec: _pm([row[key] for row in rows], spec),
 }
 _BINOPS = {
     ast.Add: operator.add,
@@ -223,23 +233,28 @@ def _split_spec(spec: str, doc: str, line: int) -> dict[str, list[str]]:
     fields: dict[str, list[str]] = {}
     for raw in spec.strip().splitlines():
         key, sep, value = raw.partition(":")
-        if not sep or key.strip() not in ("rows", "keys", "label", "col"):
+        if not sep or key.strip() not in ("rows", "row", "keys", "label", "col"):
             raise RenderError(
-                f"{doc}:{line}: table spec line {raw!r}: expected rows/keys/label/col"
+                f"{doc}:{line}: table spec line {raw!r}: expected rows/row/keys/label/col"
             )
         fields.setdefault(key.strip(), []).append(value.strip())
-    if "rows" not in fields or "col" not in fields:
-        raise RenderError(f"{doc}:{line}: a table needs `rows:` and at least one `col:`")
+    if ("rows" in fields) == ("row" in fields) or "col" not in fields:
+        raise RenderError(f"{doc}:{line}: a table needs `rows:` or `row:` lines, and `col:` lines")
     return fields
 
 
 def render_table(spec: str, artifacts: dict[str, Any], doc: str, line: int) -> str:
     """The Markdown table of a `<!-- table -->` spec (one line per row, trailing newline)."""
     fields = _split_spec(spec, doc, line)
-    rows = evaluate(fields["rows"][0], artifacts)
     header, _, label_expr = fields.get("label", [""])[0].partition("=")
     cols = [c.partition("=") for c in fields["col"]]
-    if isinstance(rows, dict):
+    rows = evaluate(fields["rows"][0], artifacts) if "rows" in fields else None
+    if rows is None:  # one `row: EXPR => label` line per row
+        items = []
+        for r in fields["row"]:
+            expr, _, shown = r.partition("=>")
+            items.append((shown.strip(), shown.strip(), evaluate(expr, artifacts)))
+    elif isinstance(rows, dict):
         keys = (
             [k.partition("=>") for k in fields["keys"][0].split(";")] if "keys" in fields else None
         )

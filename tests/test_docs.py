@@ -182,3 +182,16 @@ def test_every_function_method_md_cites_exists():
         else:
             missing.append(ref)
     assert not missing, f"docs/method.md cites undefined functions: {missing}"
+
+
+def test_table_of_row_lines_with_mean_sd_over_runs(tmp_path):
+    (tmp_path / "r.json").write_text(
+        json.dumps({"a|0": {"v": 1.0}, "a|1": {"v": 2.0}, "t": {"v": 5.0}})
+    )
+    doc = (
+        "<!-- artifacts\nr: r.json\n-->\n<!-- table\nlabel: run\n"
+        'row: match(r, "a|?") => A (2 seeds)\nrow: [r.t] => teacher\n'
+        'col: v = {s pm(row, "v", ".2f")}\n-->\n<!-- /table -->\n'
+    )
+    text, _ = render.render(doc, tmp_path, "t.md")
+    assert "| run | v |\n|---|---|\n| A (2 seeds) | 1.50 ± 0.71 |\n| teacher | 5.00 |\n" in text
