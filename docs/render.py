@@ -249,7 +249,8 @@ def render_table(spec: str, artifacts: dict[str, Any], doc: str, line: int) -> s
     header, _, label_expr = fields.get("label", [""])[0].partition("=")
     cols = [c.partition("=") for c in fields["col"]]
     rows = evaluate(fields["rows"][0], artifacts) if "rows" in fields else None
-    if rows is None:  # one `row: EXPR => label` line per row
+    if rows is None:  # one `row: EXPR => label` line per row; `label:` is only the header
+        header = fields.get("label", [""])[0]
         items = []
         for r in fields["row"]:
             expr, _, shown = r.partition("=>")
