@@ -26,7 +26,9 @@ config files with dependencies (configs/shapes/comparison.py):
   local    launch/local.sh, one job after another
   slurm    sbatch launch/slurm.sbatch, one submission per job
   tpu_pod  launch/tpu_pod.sh run, one job after another on the slice
-`--dry-run` prints the commands. Arguments after `--` are added to every job.
+`--dry-run` prints the commands. Arguments after `--` are added to every job; their `--config.*`
+overrides are parsed against every job's config as flash_jax.main parses them (an unknown key or a
+value of the wrong type stops the sweep before any job starts).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import itertools
+import re
 import shlex
 import subprocess
 import sys
@@ -125,6 +128,43 @@ def check_point(config: Any, point: Point) -> None:
             raise ValueError(f"sweep point {point}: {key}={value!r}: {e}") from None
 
 
+def check_overrides(spec: str, extra: Sequence[str]) -> None:
+    """Parses the `--config.*` flags of `extra` (`--config.key=value` or `--config.key value`)
+    against config file `spec` exactly as flash_jax.main's `--config` flag does; other flags are
+    left to the job.
+
+    Raises:
+      ValueError: an unknown key or a value the field cannot take, naming the flag.
+    """
+    from absl import flags
+    from ml_collections import config_flags
+
+    overrides = []
+    for i, arg in enumerate(extra):
+        if re.match(r"--config(=|$)", arg):
+            raise ValueError(f"after --: {arg}: each job has its own --config")
+        if arg.startswith("--config."):
+            value = [] if "=" in arg or i + 1 == len(extra) else [extra[i + 1]]
+            overrides.append([arg, *value])
+    path, _, variant = spec.partition(":")
+    for override in overrides:
+        argv = ["sweep", f"--config={ROOT / path}:{variant}" if variant else f"--config={ROOT / path}",
+                *override]  # fmt: skip
+        values = flags.FlagValues()
+        config_flags.DEFINE_config_file("config", None, flag_values=values, sys_argv=argv)
+        try:
+            values(argv)
+        except AttributeError as e:  # ml_collections' word for a key the config does not have
+            key = override[0].split("=", 1)[0].removeprefix("--config.")
+            hint = re.search(r'Did you mean \\?"([^"\\]+)', str(e))
+            also = f" (did you mean {hint[1]!r}?)" if hint else ""
+            raise ValueError(
+                f"after --: {' '.join(override)}: {spec} has no key {key!r}{also}"
+            ) from None
+        except Exception as e:  # absl's flag errors and ml_collections' type errors
+            raise ValueError(f"after --: {' '.join(override)}: {e}") from None
+
+
 def job_name(point: Point) -> str:
     if "name" in point:
         return str(point["name"])
@@ -180,9 +220,12 @@ def commands(
     return out
 
 
-def check_jobs(modules: dict[str, Any], jobs: list[tuple[dict[str, Any], Point]]) -> None:
-    """Every job's config keys, applied to the config it runs. `modules`: config files already
-    loaded, by path (more are loaded as jobs name them)."""
+def check_jobs(
+    modules: dict[str, Any], jobs: list[tuple[dict[str, Any], Point]], extra: Sequence[str] = ()
+) -> None:
+    """Every job's config keys, applied to the config it runs, and the flags after `--` parsed
+    against it (`check_overrides`). `modules`: config files already loaded, by path (more are
+    loaded as jobs name them)."""
     configs = {}
     for job, keys in jobs:
         spec = job["config"]
@@ -191,6 +234,7 @@ def check_jobs(modules: dict[str, Any], jobs: list[tuple[dict[str, Any], Point]]
             if path not in modules:
                 modules[path] = load_config_module(path)
             configs[spec] = modules[path].get_config(variant)
+            check_overrides(spec, extra)
         check_point(configs[spec], keys)
 
 
@@ -209,7 +253,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(f"{path} has no get_hyper(h): nothing to sweep")
     points = module.get_hyper(Hyper(variant))
     jobs = commands(args.config, args.workdir, args.launcher, points, args.extra)
-    check_jobs({path: module}, [split_point(p, args.config, args.workdir) for p in points])
+    try:
+        check_jobs(
+            {path: module}, [split_point(p, args.config, args.workdir) for p in points], args.extra
+        )
+    except ValueError as e:
+        raise SystemExit(f"sweep.py: {e}") from None
     print(f"# {len(jobs)} jobs ({args.launcher})", file=sys.stderr)
     ids: dict[str, str] = {}
     for job, argv in jobs:

@@ -5,6 +5,8 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -46,29 +48,95 @@ def test_tpu_pod_dry_run():
     assert create[create.index("--accelerator-type") + 1] == "v5litepod-16"
 
     setup = run(["bash", "launch/tpu_pod.sh", "setup"], env).stdout.splitlines()
-    assert "archive" in setup[0] and "scp" in setup[1] and "--worker=all" in setup[1]
-    install = shlex.split(setup[2])
+    assert setup[0].startswith("# archive") and "scp" in setup[1] and "--worker=all" in setup[1]
+    install = shlex.split(setup[3])
     assert "--worker=all" in install
     pin = next(line for line in (ROOT / "requirements.txt").read_text().splitlines()
                if line.startswith("jax["))  # fmt: skip
     version = pin.split("==")[1].split()[0]
     assert f"'jax[tpu]=={version}'" in install[-1] and "uv venv" in install[-1]
 
-    out = run(["bash", "launch/tpu_pod.sh", "run", "configs/sd/sd15_imagine_flash.py:tpu_v5e_8",
-               "gs://b/run", "--config.data.data_dir=gs://b/cache dir"], env).stdout  # fmt: skip
-    cmd = shlex.split(out)
+    lines = run(["bash", "launch/tpu_pod.sh", "run", "configs/sd/sd15_imagine_flash.py:tpu_v5e_8",
+                 "gs://b/run", "--config.data.data_dir=gs://b/cache dir"], env).stdout.splitlines()  # fmt: skip
+    assert "scp" in lines[1]  # the working tree is shipped before every run
+    cmd = shlex.split(lines[-1])
     assert (
         cmd[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "pod"] and "--worker=all" in cmd
     )
     remote = shlex.split(cmd[cmd.index("--command") + 1])
     assert remote[:3] == ["cd", "flash-jax", "&&"]
-    assert remote[3:] == [
+    job = shlex.split(remote[remote.index("-c") + 1])
+    assert job[: job.index(";")] == [
         ".venv/bin/python", "-m", "flash_jax.main",
         "--config", "configs/sd/sd15_imagine_flash.py:tpu_v5e_8", "--workdir", "gs://b/run",
         "--config.data.data_dir=gs://b/cache dir",
     ]  # fmt: skip
+    follow = shlex.split(run(["bash", "launch/tpu_pod.sh", "logs"], {**env, "WORKER": "3"}).stdout)
+    assert "--worker=3" in follow and follow[-1] == "tail -n +1 -F flash-jax/logs/latest.log"
     delete = shlex.split(run(["bash", "launch/tpu_pod.sh", "delete"], env).stdout)
     assert delete[4:6] == ["delete", "pod"] and "--quiet" in delete
+
+
+def remote_command(action_args, env):
+    """The command `launch/tpu_pod.sh` would send to the workers last, from its dry run."""
+    out = run(["bash", "launch/tpu_pod.sh", *action_args], env).stdout.splitlines()
+    cmd = shlex.split(out[-1])
+    return cmd[cmd.index("--command") + 1]
+
+
+def test_tpu_pod_run_is_detached_with_a_log_per_host_and_stops_on_sigterm(tmp_path):
+    """The worker side of `run` and `stop`, executed here: a fake trainer records its arguments,
+    waits for SIGTERM and exits 75 as flash_jax.main does after checkpointing."""
+    remote = tmp_path / "remote"
+    (remote / ".venv" / "bin").mkdir(parents=True)
+    trainer = remote / ".venv" / "bin" / "python"
+    trainer.write_text('#!/usr/bin/env bash\nprintf "<%s>" "$@"; echo\n'
+                       'trap \'echo SIGTERM; exit 75\' TERM\nsleep 60 & wait\n')  # fmt: skip
+    trainer.chmod(0o755)
+    env = {"TPU_NAME": "pod", "REMOTE_DIR": str(remote)}
+    start = remote_command(["run", "configs/x.py:a", "gs://b/my run", "--config.s=a b"], env)
+    started = subprocess.run(["bash", "-c", start], cwd=tmp_path, capture_output=True, text=True,
+                             timeout=30)  # fmt: skip
+    assert started.returncode == 0 and "started, log" in started.stdout  # returned at once
+    log = remote / "logs" / "my_run.log"
+    assert (remote / "logs" / "latest.log").resolve() == log
+    deadline = time.time() + 30
+    while "<" not in (log.read_text() if log.exists() else "") and time.time() < deadline:
+        time.sleep(0.1)
+    stop = remote_command(["stop"], env)
+    subprocess.run(["bash", "-c", stop], cwd=tmp_path, check=True, timeout=30)
+    while "exit status" not in log.read_text() and time.time() < deadline:
+        time.sleep(0.1)
+    lines = log.read_text().splitlines()
+    assert lines[0] == ("<-m><flash_jax.main><--config><configs/x.py:a><--workdir><gs://b/my run>"
+                        "<--config.s=a b>")  # fmt: skip
+    assert lines[1] == "SIGTERM" and lines[2].startswith("[tpu_pod.sh] exit status 75 on ")
+
+
+def test_tpu_pod_ships_the_working_tree(tmp_path):
+    """Uncommitted changes and new files reach the workers; git-ignored ones do not."""
+    repo = tmp_path / "repo"
+    (repo / "launch").mkdir(parents=True)
+    shutil.copy(ROOT / "launch" / "tpu_pod.sh", repo / "launch")
+    (repo / "requirements.txt").write_text("jax[cpu]==0.0.1\n")
+    (repo / ".gitignore").write_text(".venv/\n")
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-qm", "init"], check=True)
+    (repo / "requirements.txt").write_text("jax[cpu]==0.0.2\n")  # modified, not committed
+    (repo / "configs").mkdir()
+    (repo / "configs" / "mine.py").write_text("# not committed\n")
+    (repo / ".venv").mkdir()
+    (repo / ".venv" / "big").write_text("ignored")
+    out = subprocess.run(["bash", "launch/tpu_pod.sh", "sync"], cwd=repo, capture_output=True,
+                         text=True, check=True, env={**os.environ, "DRY_RUN": "1"}).stdout  # fmt: skip
+    archive = out.splitlines()[0].split()[2]
+    with tarfile.open(archive) as tar:
+        names = sorted(tar.getnames())
+        assert tar.extractfile("requirements.txt").read() == b"jax[cpu]==0.0.2\n"
+    os.unlink(archive)
+    assert names == [".gitignore", "configs/mine.py", "launch/tpu_pod.sh", "requirements.txt"]
 
 
 @pytest.fixture
@@ -163,3 +231,28 @@ def test_sweep_points_are_checked_against_the_config(tmp_path):
     no_hyper = run([sys.executable, "launch/sweep.py", "--config", "configs/shapes/teacher.py",
                     "--workdir", "r", "--dry-run"], check=False)  # fmt: skip
     assert no_hyper.returncode != 0 and "has no get_hyper" in no_hyper.stderr
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (
+            ["--config.sed=1"],
+            "configs/shapes/imagine_flash.py:quick has no key 'sed' (did you mean 'seed'?)",
+        ),
+        (
+            ["--config.batch_size", "four"],
+            "--config.batch_size four: flag --config.batch_size=four",
+        ),
+        (["--config=configs/shapes/teacher.py"], "each job has its own --config"),
+    ],
+    ids=["unknown key", "wrong type", "another config"],
+)
+def test_sweep_refuses_a_bad_override_after_the_separator(extra, message):
+    args = ["--config", "configs/shapes/imagine_flash.py:quick", "--workdir", "r", "--dry-run"]
+    bad = run([sys.executable, "launch/sweep.py", *args, "--", "--config.seed=2", *extra],
+              check=False)  # fmt: skip
+    assert bad.returncode != 0 and message in bad.stderr and not bad.stdout
+    good = sweep(*args, "--", "--config.seed=2", "--config.data.data_dir", "/d")
+    assert all(line.endswith("--config.seed=2 --config.data.data_dir /d")
+               for line in good.stdout.splitlines())  # fmt: skip
