@@ -91,6 +91,48 @@ def interleaved(
     return times
 
 
+def interleaved_repeats(
+    calls: dict[str, Callable[[], Any]],
+    *,
+    iters: int,
+    repeats: int,
+    stop: Callable[[], bool] = lambda: False,
+) -> list[dict[str, list[float]]]:
+    """`repeats` blocks of `iters` interleaved rounds each. A ratio between programs is computed
+    once per block (`ratio_spread`), so its spread over the blocks shows the run-to-run noise."""
+    blocks = []
+    for _ in range(max(repeats, 1)):
+        blocks.append(interleaved(calls, iters=iters, stop=stop))
+        if stop():
+            break
+    return blocks
+
+
+def merged(blocks: list[dict[str, list[float]]]) -> dict[str, list[float]]:
+    """Every block's milliseconds of each program, in one list per program."""
+    return {name: [t for block in blocks for t in block[name]] for name in blocks[0]}
+
+
+def ratio_spread(
+    blocks: list[dict[str, list[float]]], numerator: list[str], denominator: list[str]
+) -> dict[str, Any]:
+    """The ratio (sum of the `numerator` programs' median ms) / (same for `denominator`) in each
+    block: its median, min and max over the blocks and every value. A claim that the ratio is on
+    one side of a bar holds only when the whole range is."""
+    values = [
+        sum(statistics.median(b[n]) for n in numerator)
+        / sum(statistics.median(b[d]) for d in denominator)
+        for b in blocks
+    ]
+    return {
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+        "repeats": len(values),
+        "values": values,
+    }
+
+
 def summary(times_ms: list[float]) -> dict[str, float]:
     """Median / min / mean of a list of milliseconds, and how many there are (`iters`)."""
     return {

@@ -25,8 +25,11 @@ JSON and the rest still runs; the JSON is rewritten after every section):
                 analysis, corrected for scan bodies counted once), MFU against the measured peak,
                 compiled memory analysis and the allocator's peak.
 
-Every program compiles on a thread pool as soon as it is known (XLA compiles release the GIL),
-timings run one after another with a fixed number of calls. Compiled programs go to a persistent
+Every program compiles on a thread pool as soon as it is known (XLA compiles release the GIL).
+No timing runs while a compile shares the host: each section waits for every compile submitted so
+far, and the training step's compile starts after the sampling timings (--overlap-compiles times
+while compiles run, faster but noisier; each row records in `compiling` what was still compiling).
+Timings use a fixed number of calls; sampling speedups are measured in --repeats blocks. Compiled programs go to a persistent
 cache (--cache-dir), so a rerun on the same machine skips compiling. Writes $OUT/gpu.json when
 $OUT is set, else benchmarks/results/gpu.json (or --out).
 """
@@ -68,6 +71,14 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--param-dtype", default=None, help="UNet/VAE parameters (default: --dtype)")
     p.add_argument("--images", action="store_true", help="train on images, not cached latents")
     p.add_argument("--iters", type=int, default=None, help="timed calls (default 5; tiny 2)")
+    p.add_argument(
+        "--repeats", type=int, default=3, help="blocks the sampling speedups are timed in"
+    )
+    p.add_argument(
+        "--overlap-compiles",
+        action="store_true",
+        help="time while other programs still compile (the timings then share the host)",
+    )
     p.add_argument("--peak-n", type=int, default=None, help="matmul side (default 8192)")
     p.add_argument("--peak-iters", type=int, default=10)
     p.add_argument("--copy-mib", type=int, default=None, help="copy benchmark size (def. 1024)")
@@ -156,6 +167,10 @@ class Compiles:
     def running(self) -> list[str]:
         return [name for name, f in self.futures.items() if not f.done()]
 
+    def wait_all(self) -> None:
+        """Blocks until every compile submitted so far has finished (failed ones included)."""
+        concurrent.futures.wait(list(self.futures.values()))
+
 
 def main() -> None:
     args = parse_args()
@@ -206,12 +221,14 @@ def main() -> None:
     if "train" in args.sections:
         # Traced here while the sampling programs compile on the pool.
         run.section("train setup", lambda: prepare_train(args, config, ctx))
-        if "lowered" in ctx:
+        if "lowered" in ctx and args.overlap_compiles:
             compiles.submit("train step", ctx.pop("lowered").compile)
 
     run.section("unet forward", lambda: forward_section(run, compiles, forward, peak_tflops, ctx))
     if "sampling" in args.sections:
         run.section("sampling", lambda: sampling_section(run, jobs, compiles, peak_tflops, ctx))
+    if "lowered" in ctx:  # compiled only now, so that no sampling timing shares the host with it
+        compiles.submit("train step", ctx.pop("lowered").compile)
     if "train step" in compiles.futures:
         run.section("train", lambda: train_section(run, compiles, peak_tflops, ctx))
     run.results["compile_s"] = compiles.seconds
@@ -284,10 +301,13 @@ def forward_section(
     the unit of the samplers' and the step's FLOP counts."""
     compiled = compiles.result("unet forward")
     ctx["unet_flops"] = common.flops_of(compiled)
+    if not run.args.overlap_compiles:
+        compiles.wait_all()
     stats = common.timed(compiled, *forward, iters=run.args.iters)
     tflops = ctx["unet_flops"] / (stats["median_ms"] * 1e-3) / 1e12
     return {
         "batch": run.args.batch,
+        "compiling": compiles.running(),
         "gflops": ctx["unet_flops"] / 1e9,
         "latency_ms": stats["median_ms"],
         "tflops": tflops,
@@ -298,10 +318,13 @@ def forward_section(
 def sampling_section(
     run: Run, jobs: dict, compiles: Compiles, peak_tflops: float | None, ctx: dict
 ) -> dict:
+    if not run.args.overlap_compiles:
+        compiles.wait_all()
     out = sampling_bench.measure(
         jobs,
         batch=run.args.batch,
         iters=run.args.iters,
+        repeats=run.args.repeats,
         flops_per_eval=ctx.get("unet_flops", 0.0),
         peak_tflops=peak_tflops,
         ready=compiles.result,
@@ -316,6 +339,8 @@ def sampling_section(
 def train_section(run: Run, compiles: Compiles, peak_tflops: float | None, ctx: dict) -> dict:
     args = run.args
     compiled = compiles.result("train step")
+    if not args.overlap_compiles:
+        compiles.wait_all()
     state, frozen, batch = ctx["state"], ctx["frozen"], ctx["batch"]
     raw_flops = common.flops_of(compiled)
     # Scans counted once: the rollout runs N_max − 1 student evaluations at batch B and the

@@ -1,6 +1,6 @@
 """Cost of the fused Imagine Flash training step against its parts, on the Shapes testbed config.
 
-  python -m benchmarks.imagine_flash_step [--variant 3] [--batch 16] [--iters 5] [--out FILE]
+  python -m benchmarks.imagine_flash_step [--variant 3] [--batch 16] [--iters 5] [--repeats 3]
 
 Random weights (teacher = student at init, random VAE): timing does not depend on training. The
 fused step is the trainer's one compiled program (flash_jax/train/step.py), run on a chained,
@@ -22,9 +22,10 @@ donated state. The parts, each jitted alone on the same inputs, are everything t
 FLOPs come from XLA's cost analysis of each compiled program, corrected for `lax.scan` bodies being
 counted once (the rollout's and the teacher solve's trip counts are known); utilisation is against
 the measured fp32 matmul rate of this machine. Compile time: the fused step's lower + compile, and
-each part's first call. Every program is then timed in --iters interleaved rounds (one call each in
-turn), so that the ratio compares programs timed under the same conditions. Also counts the fused
-step's compiled executables after several calls (must be 1). Prints a table and writes JSON.
+each part's first call. Every program is then timed in --repeats blocks of --iters interleaved
+rounds (one call each in turn), so that the ratio compares programs timed under the same
+conditions; `fused_over_parts` is that ratio per block (median, range, values). Also counts the
+fused step's compiled executables after several calls (must be 1). Prints a table and writes JSON.
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variant", default="3", help="configs/shapes/imagine_flash.py variant")
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--iters", type=int, default=5, help="interleaved rounds per repeat")
+    parser.add_argument("--repeats", type=int, default=3, help="blocks the ratio is measured in")
     parser.add_argument("--peak-n", type=int, default=1024, help="fp32 matmul side for the peak")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -112,13 +114,15 @@ def main() -> None:
         raw = common.flops_of(jitted.lower(*args_).compile())
         rows[name]["flops"] = corrected(raw, loops, counted_once)
     # Interleaved rounds: the ratio fused / sum of parts compares programs timed alike.
-    for name, times in common.interleaved(calls, iters=args.iters).items():
+    blocks = common.interleaved_repeats(calls, iters=args.iters, repeats=args.repeats)
+    for name, times in common.merged(blocks).items():
         rows[name] |= common.summary(times)
     executables = fused._cache_size()
 
-    parts_ms = sum(r["median_ms"] for k, r in rows.items() if k != "fused step")
-    parts_flops = sum(r["flops"] for k, r in rows.items() if k != "fused step")
-    ratio = rows["fused step"]["median_ms"] / parts_ms
+    part_names = [k for k in rows if k != "fused step"]
+    parts_ms = sum(rows[k]["median_ms"] for k in part_names)
+    parts_flops = sum(rows[k]["flops"] for k in part_names)
+    ratio = common.ratio_spread(blocks, ["fused step"], part_names)
     for r in rows.values():
         r["gflop_per_s"] = r["flops"] / (r["median_ms"] * 1e-3) / 1e9
         r["utilisation"] = r["gflop_per_s"] / (peak["tflops"] * 1e3)
@@ -145,13 +149,16 @@ def main() -> None:
     header = ["part", "ms", "share of parts", "GFLOP", "GFLOP/s", "of peak", "first call s"]
     print(common.table(table, header))
     print(
-        f"fused / sum of parts = {ratio:.2f}; fused step lower {lower_s:.1f} s + compile "
-        f"{compile_s:.1f} s; compiled executables of the fused step after "
-        f"{args.iters + 2} calls: {executables}"
+        f"fused / sum of parts = {ratio['median']:.2f} (range {ratio['min']:.2f}-"
+        f"{ratio['max']:.2f} over {ratio['repeats']} repeats); fused step lower {lower_s:.1f} s + "
+        f"compile {compile_s:.1f} s; compiled executables of the fused step after "
+        f"{args.repeats * args.iters + 2} calls: {executables}"
     )
     result = dict(
         variant=args.variant,
         batch=b,
+        iters=args.iters,
+        repeats=args.repeats,
         platform=common.platform_info(),
         peak=peak,
         scan_body_counted_once=counted_once,

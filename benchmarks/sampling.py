@@ -1,15 +1,16 @@
 """Sampling speed: the few-step student against the CFG teacher, same model, same code path.
 
-  python -m benchmarks.sampling [--batch 16] [--iters 5] [--teacher-steps 25,50] [--out FILE]
+  python -m benchmarks.sampling [--batch 16] [--iters 5] [--repeats 3] [--teacher-steps 25,50]
   python -m benchmarks.sampling --cpu-devices 2 --out benchmarks/results/sampling_2cpu.json
 
 Testbed model (configs/shapes/teacher.py, 8×8×4 latents), random weights: speed does not depend on
 training. Every sampler is `flash_jax.sampling.sample` (one compiled `lax.scan`): the student's
 N-step DDIM with noise correction, unguided (what the Imagine Flash student runs), against the
 teacher's DDIM with CFG (conditional and unconditional halves in one batched call per step).
-Latency is per batch: the median of --iters rounds that call every program once in turn, after a
-compiling call each. "speedup" is the teacher's latency over the student's and "ideal" the ratio
-of UNet evaluations per image (CFG counts 2). Text encoding and VAE decoding are timed in the same
+Latency is per batch: the median of --repeats × --iters rounds that call every program once in
+turn, after a compiling call each. "speedup" is the teacher's latency over the student's, also
+per block of --iters rounds (its median and range over the --repeats blocks), and "ideal" the
+ratio of UNet evaluations per image (CFG counts 2). Text encoding and VAE decoding are timed in the same
 rounds and added for the end-to-end figures.
 The batch is split over the local devices that divide it (`parallel.local_batch_mesh`), as
 evaluation splits it; `--cpu-devices N` makes the CPU N devices (`jax_num_cpu_devices`).
@@ -118,15 +119,18 @@ def measure(
     *,
     batch: int,
     iters: int,
+    repeats: int = 1,
     flops_per_eval: float,
     peak_tflops: float | None = None,
     ready: Callable[[str], Any] = lambda name: None,
     over_budget: Callable[[], bool] = lambda: False,
 ) -> dict[str, dict[str, Any]]:
     """Times every job: a first call each (it compiles unless `ready(name)` already waited for a
-    compile elsewhere), then `iters` interleaved rounds (`common.interleaved`), so that the speedups
-    compare programs timed under the same conditions. Rows with latency (median), images/s,
-    TFLOP/s, utilisation, end-to-end and speedups."""
+    compile elsewhere), then `repeats` blocks of `iters` interleaved rounds
+    (`common.interleaved_repeats`), so that the speedups compare programs timed under the same
+    conditions. Rows with latency (median over every round), images/s, TFLOP/s, utilisation,
+    end-to-end and speedups; `speedup_vs_<teacher>_spread` is the speedup per block (median,
+    range, values)."""
     out: dict[str, dict[str, Any]] = {}
     first_s: dict[str, float] = {}
     for name, job in jobs.items():
@@ -139,7 +143,8 @@ def measure(
         except Exception as e:  # one program failing keeps the others
             out[name] = {"error": f"{type(e).__name__}: {e}"}
     calls = {name: jobs[name].call for name in first_s}
-    for name, times in common.interleaved(calls, iters=iters, stop=over_budget).items():
+    blocks = common.interleaved_repeats(calls, iters=iters, repeats=repeats, stop=over_budget)
+    for name, times in common.merged(blocks).items():
         stats = common.summary(times)
         job = jobs[name]
         row: dict[str, Any] = {
@@ -174,6 +179,7 @@ def measure(
         for t_name, t_row in teachers.items():
             key = t_name.removeprefix("teacher ").replace(" ", "_")
             row[f"speedup_vs_{key}"] = t_row["latency_ms"] / row["latency_ms"]
+            row[f"speedup_vs_{key}_spread"] = common.ratio_spread(blocks, [t_name], [name])
             row[f"ideal_vs_{key}"] = t_row["unet_evals_per_image"] / row["unet_evals_per_image"]
             if "end_to_end_ms" in row and "end_to_end_ms" in t_row:
                 row[f"end_to_end_speedup_vs_{key}"] = t_row["end_to_end_ms"] / row["end_to_end_ms"]
@@ -211,7 +217,10 @@ def print_table(out: dict[str, dict[str, Any]], teacher_key: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--iters", type=int, default=5, help="interleaved rounds per repeat")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="blocks the speedups are measured in"
+    )
     parser.add_argument("--student-steps", default="1,2,3")
     parser.add_argument("--teacher-steps", default="25,50")
     parser.add_argument("--guidance", type=float, default=4.0, help="testbed teacher's CFG")
@@ -242,7 +251,12 @@ def main() -> None:
     )
     flops = unet_flops(model, params["unet"], x_T)
     out = measure(
-        jobs, batch=args.batch, iters=args.iters, flops_per_eval=flops, peak_tflops=peak["tflops"]
+        jobs,
+        batch=args.batch,
+        iters=args.iters,
+        repeats=args.repeats,
+        flops_per_eval=flops,
+        peak_tflops=peak["tflops"],
     )
     devices = common.platform_info()["devices"]
     print(f"\nSampling, testbed UNet, batch {args.batch} over {len(devices)} device(s) {devices}")

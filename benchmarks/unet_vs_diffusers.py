@@ -2,8 +2,9 @@
 
 Both run the same random weights (imported with `flash_jax.weights.unet_from_diffusers`; the
 outputs are checked to agree) in float32. JAX runs on its default backend, once per attention
-implementation in `--attention`; PyTorch on the CPU with one thread per core. Prints a table and
-writes JSON.
+implementation in `--attention`; PyTorch on the CPU with one thread per core. Every program is
+called once per round in turn, in --repeats blocks of --iters rounds; `time_vs_diffusers` is the
+ratio of medians per block (median, range, values). Prints a table and writes JSON.
 
   python benchmarks/unet_vs_diffusers.py --channels 128,256,256 --size 32 --batch 4
 """
@@ -26,6 +27,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks import common
 from flash_jax import weights
 from flash_jax.models import unet
 
@@ -41,7 +43,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--size", type=int, default=32, help="latent side")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--iters", type=int, default=10, help="interleaved rounds per repeat")
+    p.add_argument("--repeats", type=int, default=3, help="blocks the ratio is measured in")
     p.add_argument(
         "--attention",
         default="default,per_head",
@@ -50,17 +53,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--out", default="benchmarks/results/unet_vs_diffusers.json")
     return p.parse_args(argv)
-
-
-def _time(fn, warmup: int, iters: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return times
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -93,10 +85,13 @@ def main(argv: list[str] | None = None) -> dict:
     tx = [torch.from_numpy(a) for a in (x, t, ctx)]
     with torch.no_grad():
         ref = torch_model(*tx).sample.numpy()
-        torch_ms = _time(lambda: torch_model(*tx), args.warmup, args.iters)
-    torch_med = statistics.median(torch_ms)
+
+    def torch_call() -> None:
+        with torch.no_grad():
+            torch_model(*tx)
 
     jx = [jax.device_put(a) for a in (x.transpose(0, 2, 3, 1), t, ctx)]
+    calls = {"diffusers": torch_call}
     timed = {}
     for name in args.attention.split(","):
         impl = None if name == "default" else name
@@ -105,20 +100,25 @@ def main(argv: list[str] | None = None) -> dict:
         t0 = time.perf_counter()
         out = jax.block_until_ready(apply({"params": params}, *jx))
         compile_s = time.perf_counter() - t0
-        ms = _time(
-            lambda apply=apply: jax.block_until_ready(apply({"params": params}, *jx)),
-            args.warmup,
-            args.iters,
-        )
+        calls[name] = lambda apply=apply: apply({"params": params}, *jx)
         rel_err = float(
             np.linalg.norm(np.asarray(out).transpose(0, 3, 1, 2) - ref) / np.linalg.norm(ref)
         )
-        timed[name] = dict(
-            compile_s=compile_s,
+        timed[name] = dict(compile_s=compile_s, output_rel_l2=rel_err)
+    for _ in range(args.warmup):
+        for call in calls.values():
+            jax.block_until_ready(call())
+    # Interleaved rounds (torch and every JAX program in turn), in blocks: the ratio per block.
+    blocks = common.interleaved_repeats(calls, iters=args.iters, repeats=args.repeats)
+    times = common.merged(blocks)
+    torch_ms = times.pop("diffusers")
+    torch_med = statistics.median(torch_ms)
+    for name, ms in times.items():
+        timed[name] |= dict(
             ms=ms,
             median_ms=statistics.median(ms),
             speedup_vs_torch=torch_med / statistics.median(ms),
-            output_rel_l2=rel_err,
+            time_vs_diffusers=common.ratio_spread(blocks, [name], ["diffusers"]),
         )
     result = dict(
         benchmark="unet_vs_diffusers",
@@ -132,6 +132,8 @@ def main(argv: list[str] | None = None) -> dict:
         jax_devices=[str(d) for d in jax.devices()],
         cpu_count=os.cpu_count(),
         torch_threads=torch.get_num_threads(),
+        iters=args.iters,
+        repeats=args.repeats,
         versions=dict(
             jax=jax.__version__, torch=torch.__version__, python=platform.python_version()
         ),
@@ -142,14 +144,16 @@ def main(argv: list[str] | None = None) -> dict:
     print(
         f"UNet {channels}, {n_params / 1e6:.1f} M params, batch {args.batch}, "
         f"{args.size}x{args.size} latents, {args.seq_len} tokens, float32, "
-        f"median of {args.iters}"
+        f"median of {args.repeats} x {args.iters} interleaved rounds"
     )
-    header = f"{'implementation':<40}{'ms / forward':>14}{'min':>10}{'time vs diffusers':>19}"
+    header = f"{'implementation':<40}{'ms / forward':>14}{'min':>10}{'time vs diffusers':>26}"
     print(header + f"{'rel L2 vs diffusers':>21}{'compile s':>11}")
     for name, r in timed.items():
+        s = r["time_vs_diffusers"]
+        spread = f"{s['median']:.2f}× ({s['min']:.2f}-{s['max']:.2f})"
         print(
             f"{'flash-jax, attention ' + name:<40}{r['median_ms']:>14.1f}{min(r['ms']):>10.1f}"
-            f"{r['median_ms'] / torch_med:>18.2f}×{r['output_rel_l2']:>21.1e}{r['compile_s']:>11.1f}"
+            f"{spread:>26}{r['output_rel_l2']:>21.1e}{r['compile_s']:>11.1f}"
         )
     print(f"{'diffusers (torch cpu)':<40}{torch_med:>14.1f}{min(torch_ms):>10.1f}{1.0:>18.2f}×")
     out_path = Path(args.out)

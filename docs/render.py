@@ -21,7 +21,8 @@ markers is what the renderer writes:
 
 Expressions allow names, constants, `x[key]`, `x.key` (a dict key), + - * / **, unary minus, lists
 and the functions in FUNCTIONS: mean, sd (n - 1), median, min, max over arguments, a list, or
-`(rows, "key")`; `match(dict, glob)`, the values whose keys match. A table renders one row per
+`(rows, "key")`; `match(dict, glob)`, the values whose keys match; `side(lo, hi, bar)`, "below",
+"above" or "not resolved" for a measured range against a bar. A table renders one row per
 entry of a JSON dict (the key is the row label) or list:
 
     <!-- table
@@ -89,6 +90,8 @@ FUNCTIONS: dict[str, Callable[..., Any]] = {
     "sqrt": math.sqrt,
     "len": len,
     "get": lambda x, k: x.get(k) if isinstance(x, dict) else None,
+    # a claim that a measured range [lo, hi] is below / above a bar: "not resolved" when it spans it
+    "side": lambda lo, hi, bar: "below" if hi < bar else "above" if lo > bar else "not resolved",
     # "mean ± sd" of the key over rows (training seeds) formatted with spec; the value alone for one
     "pm": lambda rows, key, spec: _pm([row[key] for row in rows], spec),
 }

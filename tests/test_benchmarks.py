@@ -98,13 +98,34 @@ def test_interleaved_rounds_call_every_program_once_in_turn_and_stop_after_a_rou
     assert order == list("abc") and all(len(t) == 1 for t in stopped.values())
 
 
+def test_ratio_is_measured_per_block_with_median_and_range():
+    blocks = [  # per block: a's median / (b + c)'s medians
+        {"a": [10.0, 12.0, 11.0], "b": [4.0], "c": [6.0]},  # 11 / 10
+        {"a": [9.0], "b": [5.0, 5.0], "c": [5.0]},  # 9 / 10
+        {"a": [30.0], "b": [10.0], "c": [10.0]},  # 30 / 20
+    ]
+    spread = common.ratio_spread(blocks, ["a"], ["b", "c"])
+    assert spread["values"] == pytest.approx([1.1, 0.9, 1.5])
+    assert (spread["median"], spread["min"], spread["max"]) == pytest.approx((1.1, 0.9, 1.5))
+    assert common.merged(blocks)["a"] == [10.0, 12.0, 11.0, 9.0, 30.0]
+
+    order = []
+    calls = {name: (lambda name=name: order.append(name) or jnp.zeros(())) for name in "ab"}
+    repeated = common.interleaved_repeats(calls, iters=2, repeats=3)
+    assert order == list("ab") * 6 and [len(b["a"]) for b in repeated] == [2, 2, 2]
+    assert len(common.interleaved_repeats(calls, iters=2, repeats=3, stop=lambda: True)) == 1
+
+
 def test_unet_vs_diffusers_times_every_attention_on_matching_outputs(tmp_path):
     pytest.importorskip("diffusers")
     from benchmarks import unet_vs_diffusers
 
     args = "--channels 32,64 --heads 2 --cross-dim 32 --seq-len 5 --size 8 --batch 1 --iters 1"
+    args += " --repeats 2"
     result = unet_vs_diffusers.main([*args.split(), "--out", str(tmp_path / "r.json")])
-    assert set(result["jax"]) == {"default", "per_head"}
+    assert set(result["jax"]) == {"default", "per_head"} and len(result["torch_ms"]) == 2
     for timed in result["jax"].values():
-        assert timed["output_rel_l2"] < 1e-5 and len(timed["ms"]) == 1
+        assert timed["output_rel_l2"] < 1e-5 and len(timed["ms"]) == 2
+        spread = timed["time_vs_diffusers"]
+        assert len(spread["values"]) == 2 and spread["min"] <= spread["median"] <= spread["max"]
     assert json.loads((tmp_path / "r.json").read_text())["jax"].keys() == result["jax"].keys()

@@ -145,6 +145,7 @@ def test_table_of_dict_rows_with_chosen_keys(tmp_path):
         ("<!-- fig .2f open('x') -->1<!-- /fig -->", "unknown function 'open'"),
         ("<!-- fig .2f a.__class__ -->1<!-- /fig -->", "no key '__class__'"),
         ("<!-- fig .2f b -->1<!-- /fig -->", "unknown name 'b'"),
+        ("<!-- fig .2f a.x + b -->1<!-- /fig -->", "unknown name 'b'"),
     ],
 )
 def test_bad_figures_are_errors_naming_doc_and_figure(tmp_path, doc, message):
@@ -195,3 +196,11 @@ def test_table_of_row_lines_with_mean_sd_over_runs(tmp_path):
     )
     text, _ = render.render(doc, tmp_path, "t.md")
     assert "| run | v |\n|---|---|\n| A (2 seeds) | 1.50 ± 0.71 |\n| teacher | 5.00 |\n" in text
+
+
+@pytest.mark.parametrize(
+    ("lo", "hi", "verdict"),
+    [(0.9, 0.99, "below"), (1.01, 1.2, "above"), (0.95, 1.04, "not resolved")],
+)
+def test_a_claim_against_a_bar_holds_only_when_the_whole_range_is_on_one_side(lo, hi, verdict):
+    assert render.evaluate(f"side({lo}, {hi}, 1.0)", {}) == verdict
