@@ -2,16 +2,19 @@
 
   python -m flash_jax.main --config configs/shapes/teacher.py[:variant] --workdir DIR \
       [--config.key=value ...] [--mode train] [--distributed auto|on|off]
-  python -m flash_jax.main --config ... --workdir DIR --mode sample --prompts "a red circle;two blue stars" \
-      [--steps 3] [--guidance 1] [--noise_correction] [--out grid.png]
+  python -m flash_jax.main --workdir DIR --mode sample --prompts "a red circle;two blue stars" \
+      [--config ...] [--steps 3] [--guidance 1] [--noise_correction] [--out grid.png]
+  python -m flash_jax.main --workdir DIR --mode export --out FOLDER [--params ema|raw] [--dtype fp32]
   python -m flash_jax.main --config configs/shapes/comparison.py --workdir RUNS --mode eval
 
 Configs are ml_collections files whose `get_config(arg)` returns a LOCKED ConfigDict: an unknown
 `--config.key` or a value of the wrong type is an error before anything is built or compiled.
-`sample` draws a captioned grid from the EMA parameters of the run in `--workdir` (a student of
-`imagine_flash` uses its teacher's text encoder). `eval` evaluates the runs an evaluation config
-lists (flash_jax/eval/evaluate.py, `run_evaluation`) and writes the tables, plots and sample grids
-under WORKDIR; rerunning it skips the rows already computed.
+`sample` draws a captioned grid and one PNG per prompt from the EMA parameters of the run in
+`--workdir`, with the run's own config.json unless `--config` is given (a student of
+`imagine_flash` uses its teacher's text encoder). `export` writes a student as a diffusers
+pipeline folder (flash_jax/export.py, docs/stable_diffusion.md). `eval` evaluates the runs an
+evaluation config lists (flash_jax/eval/evaluate.py, `run_evaluation`) and writes the tables, plots
+and sample grids under WORKDIR; rerunning it skips the rows already computed.
 
 Multi-process launches (SLURM, MPI, TPU pods) run the same command on every process; `--distributed`
 decides `jax.distributed.initialize()` (flash_jax/parallel.py). Exit codes of `train`: 0 finished,
@@ -28,8 +31,9 @@ import numpy as np
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
+from PIL import Image
 
-from flash_jax import parallel, pipeline, sampling
+from flash_jax import export, parallel, pipeline, sampling
 from flash_jax.data import cache as data_cache
 from flash_jax.eval import evaluate
 from flash_jax.pipeline import T2I
@@ -37,7 +41,7 @@ from flash_jax.train import checkpoint, loop, preemption
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file[:variant]", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics, samples)")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "eval"], "what to do")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "eval", "export"], "what to do")
 _DISTRIBUTED = flags.DEFINE_enum(
     "distributed",
     "auto",
@@ -54,14 +58,21 @@ _GUIDANCE = flags.DEFINE_float(
 )
 _NC = flags.DEFINE_bool("noise_correction", True, "sample: Imagine Flash noise correction")
 _SEED = flags.DEFINE_integer("seed", 0, "sample: initial-noise seed")
-_OUT = flags.DEFINE_string("out", "", "sample: output PNG (default WORKDIR/samples/sample.png)")
+_OUT = flags.DEFINE_string(
+    "out",
+    "",
+    "sample: the grid PNG (default WORKDIR/samples/sample.png; NAME_<i>.png per prompt beside it); "
+    "export: the diffusers folder to create",
+)
+_PARAMS = flags.DEFINE_enum("params", "ema", list(export.PARAMS), "export: which parameters")
+_DTYPE = flags.DEFINE_enum("dtype", "fp32", list(export.DTYPES), "export: the UNet weights' dtype")
 _COMPILATION_CACHE = flags.DEFINE_string(
     "compilation_cache",
     "",
     "persistent XLA compilation cache directory, so a restart does not recompile: "
     "'' = WORKDIR/compilation_cache, 'none' = off",
 )
-flags.mark_flags_as_required(["config", "workdir"])
+flags.mark_flags_as_required(["workdir"])  # --config: see main()
 
 
 def read_prompts(spec: str) -> list[str]:
@@ -93,8 +104,11 @@ def sample(config, workdir: str) -> Path:
     )
     images = jax.jit(model.generate, static_argnums=5)(params, vae, tokens, uncond, x_T, sampler)
     out = Path(_OUT.value or Path(workdir) / "samples" / "sample.png")
-    loop.write_sample_grid(np.asarray(images), prompts, out)
-    print(f"wrote {len(prompts)} samples ({sampler.num_steps} steps) to {out}")
+    images = np.asarray(images)
+    loop.write_sample_grid(images, prompts, out)
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(out.with_name(f"{out.stem}_{i}{out.suffix}"))
+    print(f"wrote {len(prompts)} samples ({sampler.num_steps} steps): {out}, {out.stem}_<i>.png")
     return out
 
 
@@ -103,20 +117,35 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax is chatty at INFO
     parallel.initialize_distributed(_DISTRIBUTED.value)
+    config = _CONFIG.value
+    if config is None and _MODE.value in ("train", "eval"):
+        raise app.UsageError(f"--mode {_MODE.value} needs --config")
+    if config is None and _MODE.value == "sample":
+        config = export.run_config(_WORKDIR.value)  # the run's own config.json
     if _COMPILATION_CACHE.value != "none":
         default = _WORKDIR.value.rstrip("/") + "/compilation_cache"
         jax.config.update("jax_compilation_cache_dir", _COMPILATION_CACHE.value or default)
     if _MODE.value in ("train", "sample"):
-        data_cache.resolve_image_size(_CONFIG.value)  # 0: the cache's or the model's native size
+        data_cache.resolve_image_size(config)  # 0: the cache's or the model's native size
     if _MODE.value == "train":
         state = loop.train(_CONFIG.value, _WORKDIR.value)
         if int(state.step) < _CONFIG.value.total_steps:  # stopped by SIGTERM, checkpointed
             sys.exit(preemption.EXIT_CODE)
     elif _MODE.value == "sample":
-        sample(_CONFIG.value, _WORKDIR.value)
+        sample(config, _WORKDIR.value)
     elif _MODE.value == "eval":
         evaluate.run_evaluation(_CONFIG.value, _WORKDIR.value)
+    elif _MODE.value == "export":
+        if not _OUT.value:
+            raise app.UsageError("--mode export needs --out FOLDER (a new diffusers folder)")
+        out = export.export(_WORKDIR.value, _OUT.value, params=_PARAMS.value, dtype=_DTYPE.value)
+        print(f"wrote the diffusers folder {out} (loading it: docs/stable_diffusion.md)")
+
+
+def console() -> None:
+    """The `flash-jax` console script (pyproject.toml): `python -m flash_jax.main`."""
+    app.run(main)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    console()
