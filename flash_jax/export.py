@@ -200,7 +200,14 @@ def export(
 
     unet = checkpoint.load_params(workdir, PARAMS[params])["unet"]
     state = weights.unet_to_diffusers(unet, model.unet)
-    state = {k: np.ascontiguousarray(v, DTYPES[dtype]) for k, v in state.items()}
+    with np.errstate(over="ignore"):  # checked next, naming the tensors
+        state = {k: np.ascontiguousarray(v, DTYPES[dtype]) for k, v in state.items()}
+    bad = [k for k, v in state.items() if not np.isfinite(v.astype(np.float32)).all()]
+    if bad:
+        raise ExportError(
+            f"the UNet has non-finite weights in --dtype {dtype}: {bad[:5]} "
+            "(fp16 overflows past 65504: export bf16 or fp32)"
+        )
 
     partial = out.with_name(f".{out.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)  # a failed export's leftovers

@@ -264,6 +264,19 @@ def test_export_refuses_bad_arguments_and_leaves_nothing(fake_run, tmp_path):
         export.export(workdir, tmp_path / "out")
 
 
+def test_export_refuses_weights_that_overflow_the_dtype(fake_run, tmp_path, monkeypatch):
+    workdir, config = fake_run
+    abstract = weights.model_abstract("unet", T2I.from_config(config).unet)
+    unet = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), abstract)
+    unet["conv_in"]["bias"][0] = 1e5  # finite in float32 and bfloat16, inf in float16
+    monkeypatch.setattr(checkpoint, "load_params", lambda *_: {"unet": unet})
+    with pytest.raises(export.ExportError, match=r"non-finite weights in --dtype fp16: \['conv_in"):
+        export.export(workdir, tmp_path / "out", dtype="fp16")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".*partial"))
+    export.export(workdir, tmp_path / "out", dtype="bf16")  # writes; the copy is checked above
+    assert (tmp_path / "out" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+
+
 # ------------------------------------------------------------------------------ scheduler
 
 
