@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common
+from flash_jax import config as flash_config
 from flash_jax.eval import evaluate
 from flash_jax.methods import common as method_common
 from flash_jax.methods import imagine_flash
@@ -55,10 +56,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    config = evaluate.load_config_file(args.config)
-    evaluate.apply_overrides(config, args.set)
-    evaluate.set_dotted(config, "teacher_workdir", args.teacher)
-    evaluate.set_dotted(config, "autoencoder_workdir", args.autoencoder)
+    config = flash_config.load_config_file(args.config)
+    flash_config.apply_overrides(config, args.set)
+    flash_config.set_dotted(config, "teacher_workdir", args.teacher)
+    flash_config.set_dotted(config, "autoencoder_workdir", args.autoencoder)
     ifc = imagine_flash.ImagineFlashConfig(**config.imagine_flash.to_dict())
     if len(ifc.student_steps) != 1:
         raise ValueError(f"imagine_flash.student_steps={ifc.student_steps}: give one step count")

@@ -49,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common
+from flash_jax import config as flash_config
 from flash_jax import parallel, sampling
 from flash_jax.data import shapes
 from flash_jax.eval import evaluate, judge
@@ -137,9 +138,9 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
 
-    config = evaluate.load_config_file(args.config)
-    evaluate.apply_overrides(config, args.set)
-    evaluate.set_dotted(config, "autoencoder_workdir", args.autoencoder)
+    config = flash_config.load_config_file(args.config)
+    flash_config.apply_overrides(config, args.set)
+    flash_config.set_dotted(config, "autoencoder_workdir", args.autoencoder)
     image_size, batch_size = config.data.image_size, config.batch_size
 
     if args.init and args.resume:

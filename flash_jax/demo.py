@@ -25,6 +25,7 @@ from configs.shapes import autoencoder as ae_config
 from configs.shapes import imagine_flash as if_config
 from configs.shapes import judge as judge_config
 from configs.shapes import teacher as teacher_config
+from flash_jax import config as flash_config
 from flash_jax import sampling
 from flash_jax.eval import evaluate
 from flash_jax.pipeline import T2I
@@ -79,7 +80,8 @@ def run_demo(
     with config.unlocked():
         config.total_steps = distill_steps
         config.checkpoint_every = config.sample_every = max(distill_steps // 3, 1)
-    evaluate.apply_overrides(config, overrides)  # a bad key fails before anything trains
+    flash_config.apply_overrides(config, overrides)  # a bad key fails before anything trains
+    flash_config.check_training(config)
 
     vae = stage("autoencoder", ae_config.get_config(variants), workdir, assets, latents)
     teacher = stage("teacher", teacher_config.get_config(variants), workdir, assets, latents)

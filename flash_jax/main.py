@@ -7,8 +7,9 @@
   python -m flash_jax.main --workdir DIR --mode export --out FOLDER [--params ema|raw] [--dtype fp32]
   python -m flash_jax.main --config configs/shapes/comparison.py --workdir RUNS --mode eval
 
-Configs are ml_collections files whose `get_config(arg)` returns a LOCKED ConfigDict: an unknown
-`--config.key` or a value of the wrong type is an error before anything is built or compiled.
+Configs are ml_collections files whose `get_config(arg)` returns a ConfigDict; `--config.KEY=VALUE`
+overrides a knob (flash_jax/config.py: lists as `1,2,3`), and an unknown key, a value of the wrong
+type or out of range is a one-line error before anything is built or compiled.
 `sample` draws a captioned grid and one PNG per prompt from the EMA parameters of the run in
 `--workdir`, with the run's own config.json unless `--config` is given (a student of
 `imagine_flash` uses its teacher's text encoder). `export` writes a student as a diffusers
@@ -30,16 +31,16 @@ import jax
 import numpy as np
 from absl import app, flags
 from absl import logging as absl_logging
-from ml_collections import config_flags
 from PIL import Image
 
+from flash_jax import config as flash_config
 from flash_jax import export, parallel, pipeline, sampling
 from flash_jax.data import cache as data_cache
 from flash_jax.eval import evaluate
 from flash_jax.pipeline import T2I
 from flash_jax.train import checkpoint, loop, preemption
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "config file[:variant]", lock_config=True)
+_CONFIG = flags.DEFINE_string("config", None, "config file[:variant]; --config.KEY=VALUE overrides")
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics, samples)")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "eval", "export"], "what to do")
 _DISTRIBUTED = flags.DEFINE_enum(
@@ -112,12 +113,35 @@ def sample(config, workdir: str) -> Path:
     return out
 
 
-def main(argv: list[str]) -> None:
+def parse_flags(argv: list[str]) -> tuple[list[str], list[str]]:
+    """absl's parser for every flag but the `--config.KEY=VALUE` overrides, which are returned
+    beside the remaining arguments (flash_jax/config.py applies them)."""
+    rest, overrides = flash_config.split_overrides(argv)
+    return flags.FLAGS(rest), overrides
+
+
+def load_config(overrides: list[str]):
+    """`--config` with its overrides (None without `--config`), its values checked."""
+    if not _CONFIG.value:
+        if overrides:
+            raise flash_config.ConfigError(f"--config.{overrides[0]} without --config")
+        return None
+    config = flash_config.load(_CONFIG.value, overrides)
+    if "method" in config:  # a training run's config (not an evaluation's)
+        flash_config.check_training(config)
+    return config
+
+
+def main(parsed: tuple[list[str], list[str]]) -> None:
+    argv, overrides = parsed
+    try:
+        config = load_config(overrides)
+    except flash_config.ConfigError as e:
+        sys.exit(f"error: {e}")
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax is chatty at INFO
     parallel.initialize_distributed(_DISTRIBUTED.value)
-    config = _CONFIG.value
     if config is None and _MODE.value in ("train", "eval"):
         raise app.UsageError(f"--mode {_MODE.value} needs --config")
     if config is None and _MODE.value == "sample":
@@ -128,13 +152,13 @@ def main(argv: list[str]) -> None:
     if _MODE.value in ("train", "sample"):
         data_cache.resolve_image_size(config)  # 0: the cache's or the model's native size
     if _MODE.value == "train":
-        state = loop.train(_CONFIG.value, _WORKDIR.value)
-        if int(state.step) < _CONFIG.value.total_steps:  # stopped by SIGTERM, checkpointed
+        state = loop.train(config, _WORKDIR.value)
+        if int(state.step) < config.total_steps:  # stopped by SIGTERM, checkpointed
             sys.exit(preemption.EXIT_CODE)
     elif _MODE.value == "sample":
         sample(config, _WORKDIR.value)
     elif _MODE.value == "eval":
-        evaluate.run_evaluation(_CONFIG.value, _WORKDIR.value)
+        evaluate.run_evaluation(config, _WORKDIR.value)
     elif _MODE.value == "export":
         if not _OUT.value:
             raise app.UsageError("--mode export needs --out FOLDER (a new diffusers folder)")
@@ -144,7 +168,7 @@ def main(argv: list[str]) -> None:
 
 def console() -> None:
     """The `flash-jax` console script (pyproject.toml): `python -m flash_jax.main`."""
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

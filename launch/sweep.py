@@ -105,64 +105,45 @@ def format_value(value: Any) -> str:
 
 def check_point(config: Any, point: Point) -> None:
     """Applies `point` to a copy of `config`: unknown keys and wrong types raise before any run."""
+    from flash_jax import config as flash_config  # the checkout's root is on sys.path by now
+
     config = config.copy_and_resolve_references()
     for key, value in point.items():
         if not key.startswith("config."):
             raise ValueError(f"sweep key {key!r} must start with 'config.'")
-        *path, leaf = key.removeprefix("config.").split(".")
-        node = config
-        for part in path:
-            if part not in node:
-                raise ValueError(f"sweep key {key!r}: the config has no {part!r}")
-            node = node[part]
-        if leaf not in node:
-            raise ValueError(f"sweep key {key!r}: the config has no {leaf!r}")
-        if isinstance(node[leaf], list):
-            raise ValueError(
-                f"sweep key {key!r}: list fields cannot be set from the command line "
-                "(ml_collections); make the field a tuple in the config"
-            )
         try:
-            setattr(node, leaf, value)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"sweep point {point}: {key}={value!r}: {e}") from None
+            flash_config.set_dotted(config, key.removeprefix("config."), value)
+        except flash_config.ConfigError as e:
+            raise ValueError(f"sweep point {point}: {e}") from None
 
 
 def check_overrides(spec: str, extra: Sequence[str]) -> None:
-    """Parses the `--config.*` flags of `extra` (`--config.key=value` or `--config.key value`)
-    against config file `spec` exactly as flash_jax.main's `--config` flag does; other flags are
+    """Applies the `--config.*` flags of `extra` (`--config.key=value` or `--config.key value`)
+    to config file `spec` exactly as flash_jax.main does (flash_jax/config.py); other flags are
     left to the job.
 
     Raises:
       ValueError: an unknown key or a value the field cannot take, naming the flag.
     """
-    from absl import flags
-    from ml_collections import config_flags
+    sys.path.insert(0, str(ROOT))
+    from flash_jax import config as flash_config
 
-    overrides = []
-    for i, arg in enumerate(extra):
+    try:
+        rest, overrides = flash_config.split_overrides(extra)
+    except flash_config.ConfigError as e:
+        raise ValueError(f"after --: {e}") from None
+    for arg in rest:
         if re.match(r"--config(=|$)", arg):
             raise ValueError(f"after --: {arg}: each job has its own --config")
-        if arg.startswith("--config."):
-            value = [] if "=" in arg or i + 1 == len(extra) else [extra[i + 1]]
-            overrides.append([arg, *value])
     path, _, variant = spec.partition(":")
+    config = flash_config.load_config_file(
+        f"{ROOT / path}:{variant}" if variant else str(ROOT / path)
+    )
     for override in overrides:
-        argv = ["sweep", f"--config={ROOT / path}:{variant}" if variant else f"--config={ROOT / path}",
-                *override]  # fmt: skip
-        values = flags.FlagValues()
-        config_flags.DEFINE_config_file("config", None, flag_values=values, sys_argv=argv)
         try:
-            values(argv)
-        except AttributeError as e:  # ml_collections' word for a key the config does not have
-            key = override[0].split("=", 1)[0].removeprefix("--config.")
-            hint = re.search(r'Did you mean \\?"([^"\\]+)', str(e))
-            also = f" (did you mean {hint[1]!r}?)" if hint else ""
-            raise ValueError(
-                f"after --: {' '.join(override)}: {spec} has no key {key!r}{also}"
-            ) from None
-        except Exception as e:  # absl's flag errors and ml_collections' type errors
-            raise ValueError(f"after --: {' '.join(override)}: {e}") from None
+            flash_config.apply_overrides(config, [override])
+        except flash_config.ConfigError as e:
+            raise ValueError(f"after --: --config.{override}: {e}") from None
 
 
 def job_name(point: Point) -> str:

@@ -216,12 +216,11 @@ def test_sweep_points_are_checked_against_the_config(tmp_path):
 
     config = imagine_flash.get_config()
     sweep_lib.check_point(config, {"config.imagine_flash.gamma_a": 0.5})
-    with pytest.raises(ValueError, match="has no 'gama_a'"):
+    with pytest.raises(ValueError, match=r"unknown config key 'imagine_flash\.gama_a'; nearest: "):
         sweep_lib.check_point(config, {"config.imagine_flash.gama_a": 0.5})
-    with pytest.raises(ValueError, match="gamma_a='high'"):
+    with pytest.raises(ValueError, match=r"'imagine_flash\.gamma_a': cannot set 'high'"):
         sweep_lib.check_point(config, {"config.imagine_flash.gamma_a": "high"})
-    with pytest.raises(ValueError, match="list fields cannot be set from the command line"):
-        sweep_lib.check_point(config, {"config.imagine_flash.student_steps": (1, 2)})
+    sweep_lib.check_point(config, {"config.imagine_flash.student_steps": (1, 2)})  # a list knob
     h = sweep_lib.Hyper()
     assert h.zipit([h.sweep("config.a", [1, 2]), h.sweep("config.b", [3, 4])]) == [
         {"config.a": 1, "config.b": 3},
@@ -238,11 +237,11 @@ def test_sweep_points_are_checked_against_the_config(tmp_path):
     [
         (
             ["--config.sed=1"],
-            "configs/shapes/imagine_flash.py:quick has no key 'sed' (did you mean 'seed'?)",
+            "--config.sed=1: unknown config key 'sed'; nearest: seed",
         ),
         (
             ["--config.batch_size", "four"],
-            "--config.batch_size four: flag --config.batch_size=four",
+            "--config.batch_size=four: config key 'batch_size': expected int, got 'four'",
         ),
         (["--config=configs/shapes/teacher.py"], "each job has its own --config"),
     ],

@@ -27,10 +27,8 @@ Two entry points:
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import functools
-import importlib.util
 import json
 import re
 from collections.abc import Callable, Sequence
@@ -47,6 +45,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from flash_jax import methods, parallel, sampling
+from flash_jax.config import load_config_file, set_dotted
 from flash_jax.data import shapes
 from flash_jax.eval import judge, metrics
 from flash_jax.pipeline import T2I
@@ -312,42 +311,6 @@ class RunSpec:
             raise ValueError(f"eval config run {d['name']!r}: steps={d['steps']} must be >= 1")
         d["overrides"] = tuple(sorted(dict(d.get("overrides") or {}).items()))
         return cls(**d)
-
-
-def load_config_file(spec: str) -> ml_collections.ConfigDict:
-    """`path/to/config.py[:arg]` -> the file's `get_config(arg)`, as `--config` loads it."""
-    path, _, arg = spec.partition(":")
-    module_spec = importlib.util.spec_from_file_location(Path(path).stem, path)
-    if module_spec is None or not Path(path).is_file():
-        raise FileNotFoundError(f"config file {path!r} not found")
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(arg) if arg else module.get_config()
-
-
-def set_dotted(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
-    """`config.a.b = value` for `key = "a.b"`; an unknown key is an error naming it."""
-    *parents, leaf = key.split(".")
-    node = config
-    with config.unlocked():
-        for p in parents:
-            node = node[p]
-        if leaf not in node:
-            raise KeyError(f"config override {key!r}: no key {leaf!r} (has {sorted(node)})")
-        node[leaf] = value
-
-
-def apply_overrides(config: ml_collections.ConfigDict, items: Sequence[str]) -> None:
-    """`set_dotted` for each `KEY=VALUE` of `items`; VALUE is a Python literal, else a string."""
-    for item in items:
-        key, eq, text = item.partition("=")
-        if not eq:
-            raise ValueError(f"config override {item!r}: expected KEY=VALUE")
-        try:
-            value = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            value = text
-        set_dotted(config, key, value)
 
 
 def _resolve(path: str, root: Path, what: str) -> Path:
