@@ -4,6 +4,8 @@ and XLA's per-device memory analysis of the compiled SD1.5 Imagine Flash step on
   python -m benchmarks.sd_state_size [--out benchmarks/results/sd_state_size.json]
   python -m benchmarks.sd_state_size --memory [--devices=8] [--variant ""]
       [--memory_out benchmarks/results/sd15_step_memory.json]
+  python -m benchmarks.sd_state_size --memory --presets [--models sd15,sdxl]
+      [--presets_out benchmarks/results/sd_preset_memory.json]
 
 Counts come from abstract initialisation (`jax.eval_shape`) of the configs' model dicts. Bytes:
 the trained student UNet keeps float32 parameters, two Adam moments and an EMA copy (16 B/param);
@@ -17,6 +19,11 @@ simulated CPU devices, from ShapeDtypeStructs that carry the shardings `loop.pla
 on the config's mesh (the default: data=-1, i.e. 8-way data parallel). `memory_analysis()` of that
 executable is per device (one SPMD partition); XLA:CPU's buffer assignment stands in for the
 accelerator's, so the numbers are a guide, not a GPU/TPU measurement.
+
+--presets: the same analysis for every machine preset of configs/sd/common.py (`HBM_GIB`) of each
+model, one compile each; per preset the JSON holds "peak_gib" (the peak estimate, per device) and
+"hbm_gib" (the chip's memory), rewritten after every compile. LLVM's optimisation passes are off
+(`--xla_backend_optimization_level=0`): they only change the generated code, not the buffers.
 """
 
 from __future__ import annotations
@@ -33,11 +40,14 @@ if "--memory" in sys.argv:  # the device count is fixed when jax initialises its
     os.environ["XLA_FLAGS"] = (
         os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}"
     )
+    if "--presets" in sys.argv:
+        os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax
 import numpy as np
 
+from configs.sd import common as sd_common
 from configs.sd import sd15_imagine_flash, sd21_imagine_flash, sdxl_imagine_flash
 from flash_jax import methods, parallel
 from flash_jax.data import cache
@@ -145,11 +155,25 @@ def tree_bytes_per_device(tree) -> int:
     return total
 
 
-def memory(variant: str, out: Path) -> None:
-    """AOT lower + compile the SD1.5 step on the config's mesh; print and write the analysis."""
-    config = sd15_imagine_flash.get_config(variant)
+def _abstract_tokenizer(self: T2I):
+    """Without a tokenizer folder (no weights here), SDXL's stacked ids `(B, 2, L)` come from two
+    testbed word tokenizers: only their shape reaches the compiled step."""
+    from flash_jax.data.tokenizer import WordTokenizer
+    from flash_jax.pipeline import StackedTokenizer
+
+    word = WordTokenizer(max_length=self.max_length)
+    return StackedTokenizer([word, word]) if self.text_2 else word
+
+
+def step_memory(config) -> dict:
+    """Lowers and compiles `config`'s step on its mesh (at the model's native image size when
+    `config.data.image_size` is 0); `memory_analysis()` per device, the sharded input sizes and
+    the lower / compile times."""
+    if not config.data.image_size:
+        config.data.image_size = cache.native_image_size(T2I.from_config(config))
     mesh = parallel.make_mesh(config.mesh)
-    sizes = dict(mesh.shape)
+    if not config.model.pretrained:
+        T2I.tokenizer = _abstract_tokenizer
     step, state, frozen, batch = abstract_step_inputs(config, mesh)
     start = time.perf_counter()
     lowered = step.lower(state, frozen, batch)
@@ -165,41 +189,79 @@ def memory(variant: str, out: Path) -> None:
         - row["alias_size_in_bytes"]
         + row["temp_size_in_bytes"]
     )
-    inputs = {
-        "state": tree_bytes_per_device(state),
-        "frozen": tree_bytes_per_device(frozen),
-        "batch": tree_bytes_per_device(batch),
+    return {
+        "mesh": dict(mesh.shape),
+        "global_batch": config.batch_size,
+        "image_size": config.data.image_size,
+        "frozen_dtype": config.frozen_dtype,
+        "remat": config.model.remat,
+        "lower_s": lower_s,
+        "compile_s": compile_s,
+        "per_device_bytes": row,
+        "per_device_input_bytes": {
+            "state": tree_bytes_per_device(state),
+            "frozen": tree_bytes_per_device(frozen),
+            "batch": tree_bytes_per_device(batch),
+        },
     }
+
+
+def memory(variant: str, out: Path) -> None:
+    """AOT lower + compile the SD1.5 step on the config's mesh; print and write the analysis."""
+    config = sd15_imagine_flash.get_config(variant)
+    record = step_memory(config)
     print(
-        f"SD1.5 Imagine Flash step, variant {variant or 'default'}: mesh {sizes} on "
+        f"SD1.5 Imagine Flash step, variant {variant or 'default'}: mesh {record['mesh']} on "
         f"{jax.device_count()} {jax.devices()[0].platform} devices, global batch "
         f"{config.batch_size}, {config.data.image_size} px, student steps "
         f"{tuple(config.imagine_flash.student_steps)}, teacher steps "
         f"{config.imagine_flash.teacher_steps}, model dtype {config.model.dtype}, frozen "
-        f"{config.frozen_dtype}, remat {config.model.remat}; lower {lower_s:.0f} s, compile "
-        f"{compile_s:.0f} s"
+        f"{config.frozen_dtype}, remat {config.model.remat}; lower {record['lower_s']:.0f} s, "
+        f"compile {record['compile_s']:.0f} s"
     )
     print("| memory_analysis field (per device) | GiB |")
     print("|---|---|")
-    for name, value in row.items():
+    for name, value in record["per_device_bytes"].items():
         print(f"| {name} | {value / 2**30:.2f} |")
-    for name, value in inputs.items():
+    for name, value in record["per_device_input_bytes"].items():
         print(f"| input {name} (sharded shapes) | {value / 2**30:.2f} |")
     out.parent.mkdir(parents=True, exist_ok=True)
     record = {
         "config": "configs/sd/sd15_imagine_flash.py",
         "variant": variant,
-        "mesh": sizes,
         "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind} (simulated)",
         "jax": jax.__version__,
-        "global_batch": config.batch_size,
-        "image_size": config.data.image_size,
-        "lower_s": lower_s,
-        "compile_s": compile_s,
-        "per_device_bytes": row,
-        "per_device_input_bytes": inputs,
+        **record,
     }
     out.write_text(json.dumps(record, indent=2) + "\n")
+
+
+def presets(models: list[str], out: Path) -> None:
+    """`step_memory` of every machine preset of `models`; prints a markdown row per preset and
+    rewrites `out` after each (rows already in `out` for other presets are kept)."""
+    rows = json.loads(out.read_text()) if out.is_file() else {}
+    print("| config | preset | mesh (data, fsdp, tensor) | global batch | peak GiB / device "
+          "| chip GiB | share |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
+    for name in models:
+        for machine, hbm in sd_common.HBM_GIB.items():
+            config = CONFIGS[name].get_config(machine)
+            record = step_memory(config)
+            peak = record["per_device_bytes"]["peak_estimate_bytes"] / 2**30
+            rows[f"{name}:{machine}"] = {
+                "config": f"configs/sd/{name}_imagine_flash.py:{machine}",
+                "peak_gib": round(peak, 2),
+                "hbm_gib": hbm,
+                "fits": peak <= 0.9 * hbm,
+                "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind} (simulated)",
+                "jax": jax.__version__,
+                **record,
+            }
+            mesh = tuple(record["mesh"].values())
+            print(f"| {name} | {machine} | {mesh} | {config.batch_size} | {peak:.1f} | {hbm} "
+                  f"| {peak / hbm:.0%} |", flush=True)  # fmt: skip
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(rows, indent=2) + "\n")
 
 
 def main() -> None:
@@ -209,7 +271,13 @@ def main() -> None:
     parser.add_argument("--devices", default="8", help="simulated CPU devices (--memory)")
     parser.add_argument("--variant", default="", help="sd15 config variant (--memory)")
     parser.add_argument("--memory_out", default="benchmarks/results/sd15_step_memory.json")
+    parser.add_argument("--presets", action="store_true", help="--memory of every preset")
+    parser.add_argument("--models", default="sd15,sdxl", help="configs of --presets")
+    parser.add_argument("--presets_out", default="benchmarks/results/sd_preset_memory.json")
     args = parser.parse_args()
+    if args.memory and args.presets:
+        presets(args.models.split(","), Path(args.presets_out))
+        return
     if args.memory:
         memory(args.variant, Path(args.memory_out))
         return

@@ -3,15 +3,21 @@ transformers config.json values, and the models they describe have the published
 counts — counted on our flax modules (abstractly) and on diffusers/transformers built from the same
 dicts (on the meta device: no memory, no weights)."""
 
+import json
+import math
+from pathlib import Path
+
 import jax
 import numpy as np
 import pytest
 
-from configs.sd import sd15_imagine_flash, sd21_imagine_flash, sdxl_imagine_flash
+from configs.sd import common, sd15_imagine_flash, sd21_imagine_flash, sdxl_imagine_flash
 from flash_jax import pipeline
+from flash_jax.data import cache
 from flash_jax.methods.imagine_flash import ImagineFlashConfig
 from flash_jax.models import autoencoder, text, unet
 
+ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {"sd15": sd15_imagine_flash, "sd21": sd21_imagine_flash, "sdxl": sdxl_imagine_flash}
 
 # Published values (the models' config.json files) that define each architecture.
@@ -94,24 +100,29 @@ def test_model_dicts_carry_the_published_values(name):
             assert config.model[part][key] == value, (name, part, key)
     assert ("text_2" in config.model) == (name == "sdxl")
     assert config.schedule.prediction_type == expected["prediction_type"]
-    assert config.data.image_size == expected["image_size"]
+    assert config.data.image_size == 0  # the cache's; the cache job's: the native size
+    assert cache.native_image_size(pipeline.T2I.from_config(config)) == expected["image_size"]
     assert config.model.force_zeros_for_empty_prompt == (name == "sdxl")
 
 
 @pytest.mark.parametrize("name", CONFIGS)
-@pytest.mark.parametrize("variant", ["", "tpu_v5e_8", "gpu_8xh100", "all", "1"])
+@pytest.mark.parametrize("variant", ["", *common.HBM_GIB, "all", "1"])
 def test_configs_parse_and_validate(name, variant):
     config = CONFIGS[name].get_config(variant)
     model = pipeline.T2I.from_config(config)  # cross-attention width, SDXL text_time sizes
     assert model.unet.dtype == np.dtype("bfloat16") and model.unet.remat
-    assert model.latent_shape(1, config.data.image_size)[1] == config.model.unet.sample_size
+    size = cache.native_image_size(model)
+    assert model.latent_shape(1, size)[1] == config.model.unet.sample_size
     ImagineFlashConfig(**config.imagine_flash.to_dict())
     assert config.data.source == "cache" and config.data.data_dir == ""
     assert config.model.pretrained == ""  # the one path users must give
     assert set(config.mesh) == {"data", "fsdp", "tensor"}
-    assert config.batch_size % 8 == 0  # the presets' 8 devices
-    sharded = variant == "tpu_v5e_8" or (variant == "gpu_8xh100" and name == "sdxl")
-    assert (config.mesh.fsdp == -1) == sharded
+    if variant in common.HBM_GIB:  # 8 chips, the batch split over data x fsdp
+        assert math.prod(config.mesh.values()) == 8 and config.mesh.data == 1
+        assert config.batch_size % (config.mesh.data * config.mesh.fsdp) == 0
+        assert config.frozen_dtype == "bfloat16"
+    else:
+        assert config.mesh.data == -1 and config.batch_size == 64
     with pytest.raises(ValueError, match=r"model\.pretrained.*teacher_workdir"):
         pipeline.load_teacher(config, model)
 
@@ -129,6 +140,8 @@ def test_attention_implementation_reaches_the_unet_and_is_checked():
 def test_unknown_variant_is_an_error():
     with pytest.raises(ValueError, match="unknown variants"):
         sd15_imagine_flash.get_config("v100")
+    with pytest.raises(ValueError, match="pick one machine preset"):
+        sd15_imagine_flash.get_config("tpu_v4_8,gpu_8xh100")
 
 
 def _flax_counts(config) -> dict[str, int]:
@@ -171,3 +184,23 @@ def test_parameter_counts_match_diffusers_and_the_releases(name):
     ours = _flax_counts(config)
     assert ours == _torch_counts(config)
     assert ours == PUBLISHED_PARAMS[name]
+
+
+def test_folder_variant_takes_the_architecture_from_the_folder(tmp_path):
+    pytest.importorskip("diffusers")
+    from tests import tiny_sd
+
+    dicts = tiny_sd.write_pipeline(tmp_path, "sdxl")
+    config = sdxl_imagine_flash.get_config(f"1,folder={tmp_path}")
+    assert config.model.pretrained == str(tmp_path)
+    for part, d in json.loads(json.dumps(dicts)).items():
+        assert {k: config.model[part][k] for k in d} == d, part
+    model = pipeline.T2I.from_config(config)
+    assert set(model.load_pretrained(("unet", "text"))) == {"unet", "text"}
+    pinned = sdxl_imagine_flash.get_config("1")  # the default: the published architecture
+    pinned.model.pretrained = str(tmp_path)
+    with pytest.raises(ValueError, match=r"unet/config.json differs from config.model"):
+        pipeline.T2I.from_config(pinned).load_pretrained(("unet",))
+    (tmp_path / "text_encoder_2" / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"text_encoder_2/config\.json: no such file"):
+        sdxl_imagine_flash.get_config(f"folder={tmp_path}")

@@ -11,6 +11,8 @@ against the published values and parameter counts.
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 
 import ml_collections
 
@@ -170,22 +172,72 @@ def schedule(prediction_type: str = "epsilon") -> ml_collections.ConfigDict:
     )
 
 
+# Where a diffusers pipeline folder keeps each architecture dict of `config.model`.
+FOLDER_CONFIGS = {
+    "unet": "unet/config.json",
+    "text": "text_encoder/config.json",
+    "text_2": "text_encoder_2/config.json",
+    "autoencoder": "vae/config.json",
+}
+
+
+def folder_architecture(folder: str, parts: tuple[str, ...]) -> dict[str, dict]:
+    """`{part: config.json dict}` of a diffusers pipeline folder for `parts` (keys of
+    `FOLDER_CONFIGS`), without bookkeeping keys (`_class_name`, `_diffusers_version`, ...,
+    `architectures`, `torch_dtype`, `transformers_version`).
+
+    Raises:
+      FileNotFoundError: a part's config.json is missing, naming it.
+    """
+    out = {}
+    for part in parts:
+        path = Path(folder) / FOLDER_CONFIGS[part]
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such file (the folder's {part} architecture)")
+        d = json.loads(path.read_text())
+        skip = {"architectures", "torch_dtype", "transformers_version"}
+        out[part] = {k: v for k, v in d.items() if not k.startswith("_") and k not in skip}
+    return out
+
+
+# Accelerator memory per chip (GiB) of the presets' 8-chip machines.
+HBM_GIB = {"tpu_v5e_8": 16, "tpu_v4_8": 32, "gpu_8xh100": 80}
+
+
+def preset(mesh: dict, batch_size: int, frozen_dtype: str = "bfloat16", remat: bool = True) -> dict:
+    """A mesh / global batch / frozen-model dtype / remat preset for one of `HBM_GIB`'s machines,
+    sized so the compiled step's per-device peak stays under 90 % of its memory (docs/scaling.md
+    has the measured table, benchmarks/sd_state_size.py --presets measures it)."""
+    return dict(
+        mesh=dict(data=1, fsdp=1, tensor=1) | mesh,
+        batch_size=batch_size,
+        frozen_dtype=frozen_dtype,
+        remat=remat,
+    )
+
+
 def imagine_flash(
     arg: str,
     *,
     unet: dict,
     text: dict,
     autoencoder: dict,
-    image_size: int,
     guidance_scale: float,
+    presets: dict[str, dict],
     prediction_type: str = "epsilon",
     text_2: dict | None = None,
 ) -> ml_collections.ConfigDict:
-    """An Imagine Flash config for an SD model (variants: see the callers' docstrings)."""
+    """An Imagine Flash config for an SD model (variants: see the callers' docstrings);
+    `presets`: `{machine of HBM_GIB: preset(...)}`."""
     variants = set(filter(None, (arg or "").split(",")))
-    known = {"1", "2", "3", "all", "tpu_v5e_8", "gpu_8xh100"}
+    folder = next((v.removeprefix("folder=") for v in variants if v.startswith("folder=")), "")
+    variants -= {f"folder={folder}"}
+    known = {"1", "2", "3", "all", *HBM_GIB}
     if variants - known:
         raise ValueError(f"unknown variants {sorted(variants - known)} (have {sorted(known)})")
+    machines = variants & set(HBM_GIB)
+    if len(machines) > 1:
+        raise ValueError(f"variants {sorted(machines)}: pick one machine preset")
     c = shapes_common.training(
         "imagine_flash",
         batch_size=64,  # global; 8 per device on 8 devices
@@ -210,10 +262,15 @@ def imagine_flash(
     )
     if text_2 is not None:
         c.model.text_2 = text_2
+    if folder:  # the folder's own architecture instead of the published one
+        parts = ("unet", "text", "autoencoder") + (("text_2",) if text_2 is not None else ())
+        for part, d in folder_architecture(folder, parts).items():
+            c.model[part] = ml_collections.ConfigDict(d)
+        c.model.pretrained = folder
     c.schedule = schedule(prediction_type)
     c.data.source = "cache"  # latents + text embeddings from flash_jax.data.cache
     c.data.data_dir = ""  # REQUIRED: the cache directory (the cache job's --out)
-    c.data.image_size = image_size
+    c.data.image_size = 0  # the cache's when training; the cache job: native (UNet sample_size x 8)
     c.teacher_workdir = ""  # unused: the teacher comes from model.pretrained
     c.autoencoder_workdir = ""  # unused: the VAE comes from model.pretrained
     c.optimizer = shapes_common.optimizer(learning_rate=1e-5, warmup_steps=500)
@@ -234,14 +291,16 @@ def imagine_flash(
     if "all" in variants:
         c.imagine_flash.student_steps = (1, 2, 3)
     # Mesh (flash_jax/parallel.py): axis sizes, -1 fills the remaining devices. Batch is split
-    # over data x fsdp; fsdp also shards params, optimizer state, EMA and the frozen teacher.
-    # Default: pure data parallelism (fits when a device holds the whole training state).
+    # over data x fsdp; fsdp also shards params, optimizer state, EMA and the frozen teacher;
+    # tensor shards heads and channels (activations too). The default, pure data parallelism,
+    # needs a device that holds the whole training state and 8 images' activations: no 80 GB
+    # chip does (docs/scaling.md); pick the preset of your machine.
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-    if "tpu_v5e_8" in variants:  # 8 chips x 16 GB HBM: the state must be sharded
-        c.mesh.update(data=1, fsdp=-1)
-    if "gpu_8xh100" in variants and text_2 is not None:  # 8 x 80 GB: SDXL's state is sharded
-        c.mesh.update(data=1, fsdp=-1)
-    # (8 x 80 GB with SD1.x / SD2.x: the default, data parallel.)
+    for machine in machines:
+        p = presets[machine]
+        c.mesh.update(p["mesh"])
+        c.update(batch_size=p["batch_size"], frozen_dtype=p["frozen_dtype"])
+        c.model.remat = p["remat"]
     c.sample = ml_collections.ConfigDict(
         dataclasses.asdict(
             sampling.SamplerConfig(

@@ -10,7 +10,10 @@ Two paths are all it needs (docs/scaling.md has the whole recipe):
       --config.model.pretrained=$SD15 --config.data.data_dir=$CACHE
 $SD15 is a diffusers folder of runwayml/stable-diffusion-v1-5 (unet/, vae/, text_encoder/,
 tokenizer/). Variants (comma-separated): "1", "2", "3" student steps (default 3), "all" (one
-student for 1/2/3), "tpu_v5e_8" / "gpu_8xh100" (mesh presets, see configs/sd/common.py).
+student for 1/2/3); "tpu_v5e_8" / "tpu_v4_8" / "gpu_8xh100": the mesh, global batch and dtypes that
+fit that 8-chip machine (configs/sd/common.py, measured in docs/scaling.md); "folder=PATH": the
+architecture from PATH's own config.json files (and model.pretrained=PATH) instead of the published
+SD1.5 one, for a fine-tune or a model of another shape.
 """
 
 import ml_collections
@@ -24,7 +27,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         unet=common.SD15_UNET,
         text=common.CLIP_L_TEXT,
         autoencoder=common.sd_vae(sample_size=512),
-        image_size=512,
+        presets={
+            "gpu_8xh100": common.preset(dict(fsdp=8), batch_size=24),
+            "tpu_v4_8": common.preset(dict(fsdp=8), batch_size=8),
+            "tpu_v5e_8": common.preset(dict(fsdp=4, tensor=2), batch_size=4),
+        },
         guidance_scale=7.5,
     )
 

@@ -8,7 +8,8 @@ and the size micro-conditioning time_ids = (1024, 1024, 0, 0, 1024, 1024) — th
 centre-cropped squares, so original size, crop and target are not varied. The empty prompt's
 conditioning is zeros (force_zeros_for_empty_prompt). The VAE is SDXL's (scaling 0.13025) and runs
 in float32 in the cache job. The refiner is not part of this config.
-Variants: "1", "2", "3", "all", "tpu_v5e_8", "gpu_8xh100" (both shard the state: fsdp).
+Variants: "1", "2", "3", "all", "tpu_v5e_8", "tpu_v4_8", "gpu_8xh100", "folder=PATH" (as
+in configs/sd/sd15_imagine_flash.py).
 """
 
 import ml_collections
@@ -23,7 +24,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         text=common.CLIP_L_TEXT,
         text_2=common.OPENCLIP_BIGG_TEXT,
         autoencoder=common.sd_vae(sample_size=1024, scaling_factor=0.13025, force_upcast=True),
-        image_size=1024,
+        presets={
+            "gpu_8xh100": common.preset(dict(fsdp=8), batch_size=8),
+            "tpu_v4_8": common.preset(dict(fsdp=4, tensor=2), batch_size=4),
+            "tpu_v5e_8": common.preset(dict(fsdp=4, tensor=2), batch_size=4),
+        },
         guidance_scale=5.0,
     )
 
