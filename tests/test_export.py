@@ -105,7 +105,7 @@ def student_sampler(config, workdir, x_T):
     return latents
 
 
-@pytest.mark.slow  # trains (compiles) two tiny students: ~2 minutes on 2 cores
+@pytest.mark.slow  # trains (compiles) two tiny students: the module takes 1.5-5 min on 2 cores
 def test_diffusers_pipeline_reproduces_the_student(trained, tmp_path, modules_cache):
     kind, config, workdir = trained
     out = export.export(workdir, tmp_path / "student")
@@ -154,10 +154,9 @@ def test_diffusers_pipeline_reproduces_the_student(trained, tmp_path, modules_ca
 
 
 @pytest.mark.slow  # reuses the SD1.5 student; `--mode sample` compiles the sampler
+@pytest.mark.parametrize("trained", ["sd15"], indirect=True)  # the same for every model
 def test_command_line_export_and_sample(trained, tmp_path):
-    kind, config, workdir = trained
-    if kind != "sd15":
-        pytest.skip("the command line is the same for every model")
+    _, config, workdir = trained
     cache = ["--compilation_cache", jax.config.jax_compilation_cache_dir]  # conftest's
     run = lambda *args: subprocess.run(  # noqa: E731
         [sys.executable, "-m", "flash_jax.main", "--workdir", str(workdir), *cache, *args],
