@@ -172,14 +172,16 @@ def build_record(
     config: ml_collections.ConfigDict, splits: tuple[str, ...], dtype: str, text: bool
 ) -> dict[str, Any]:
     """What a cache is made from, stored in its metadata and compared before reuse: the source
-    (`sources.source_fingerprint`), the weights folder and the model's architecture dicts, the
-    image size, the splits, the storage dtype and whether text is cached."""
+    (`sources.source_fingerprint`, and `num_records` of its train split), the weights folder and
+    the model's architecture dicts, the image size, the splits, the storage dtype and whether text
+    is cached."""
     model = {
         k: v.to_dict() for k, v in config.model.items() if isinstance(v, ml_collections.ConfigDict)
     }
     return {
         "source": f"{config.data.source}:{config.data.data_dir}",
         "source_fingerprint": sources.source_fingerprint(config.data),
+        "num_records": config.data.num_records,
         "pretrained": os.path.abspath(config.model.pretrained) if config.model.pretrained else "",
         "architecture": hashlib.sha256(json.dumps(model, sort_keys=True).encode()).hexdigest(),
         "image_size": config.data.image_size,
