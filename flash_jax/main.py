@@ -24,6 +24,7 @@ decides `jax.distributed.initialize()` (flash_jax/parallel.py). Exit codes of `t
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 
@@ -38,7 +39,7 @@ from flash_jax import export, parallel, pipeline, sampling
 from flash_jax.data import cache as data_cache
 from flash_jax.eval import evaluate
 from flash_jax.pipeline import T2I
-from flash_jax.train import checkpoint, loop, preemption
+from flash_jax.train import checkpoint, lock, loop, preemption
 
 _CONFIG = flags.DEFINE_string("config", None, "config file[:variant]; --config.KEY=VALUE overrides")
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics, samples)")
@@ -78,6 +79,8 @@ flags.mark_flags_as_required(["workdir"])  # --config: see main()
 
 def read_prompts(spec: str) -> list[str]:
     """`"a;b"` or `"@file"` (one prompt per line) -> prompts; empty is an error."""
+    if spec.startswith("@") and not Path(spec[1:]).is_file():
+        raise app.UsageError(f"--prompts {spec}: no such file {spec[1:]!r}")
     text = Path(spec[1:]).read_text() if spec.startswith("@") else spec.replace(";", "\n")
     prompts = [p.strip() for p in text.splitlines() if p.strip()]
     if not prompts:
@@ -87,6 +90,17 @@ def read_prompts(spec: str) -> list[str]:
 
 def sample(config, workdir: str) -> Path:
     prompts = read_prompts(_PROMPTS.value)
+    if not np.isfinite(_GUIDANCE.value) or _GUIDANCE.value < 0:
+        raise app.UsageError(f"--guidance {_GUIDANCE.value}: must be finite and >= 0 (1 = no CFG)")
+    if _STEPS.value < 1:
+        raise app.UsageError(f"--steps {_STEPS.value}: must be >= 1")
+    loop.check_recorded_method(config, workdir)
+    # Decided before compute; a params file (.msgpack) as --workdir gets its grid beside it.
+    default = Path(workdir) / "samples" / "sample.png"
+    if Path(workdir).is_file():
+        default = Path(workdir).with_name(f"{Path(workdir).stem}_sample.png")
+    out = Path(_OUT.value or default)
+    out.parent.mkdir(parents=True, exist_ok=True)
     model = T2I.from_config(config)
     params = checkpoint.load_params(workdir)
     if config.method == "imagine_flash":
@@ -104,7 +118,6 @@ def sample(config, workdir: str) -> Path:
         jax.random.PRNGKey(_SEED.value), model.latent_shape(len(prompts), config.data.image_size)
     )
     images = jax.jit(model.generate, static_argnums=5)(params, vae, tokens, uncond, x_T, sampler)
-    out = Path(_OUT.value or Path(workdir) / "samples" / "sample.png")
     images = np.asarray(images)
     loop.write_sample_grid(images, prompts, out)
     for i, image in enumerate(images):
@@ -133,6 +146,9 @@ def load_config(overrides: list[str]):
 
 
 def main(parsed: tuple[list[str], list[str]]) -> None:
+    # Until training installs its own handler (which checkpoints first), a SIGTERM has nothing to
+    # save: exit as preempted, so a requeue-on-75 job script reruns the command.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(preemption.EXIT_CODE))
     argv, overrides = parsed
     try:
         config = load_config(overrides)
@@ -152,7 +168,13 @@ def main(parsed: tuple[list[str], list[str]]) -> None:
     if _MODE.value in ("train", "sample"):
         data_cache.resolve_image_size(config)  # 0: the cache's or the model's native size
     if _MODE.value == "train":
-        state = loop.train(config, _WORKDIR.value)
+        try:
+            state = loop.train(config, _WORKDIR.value)
+        except (lock.WorkdirBusy, checkpoint.CheckpointError, flash_config.ConfigError) as e:
+            sys.exit(f"error: {e}")
+        except KeyboardInterrupt:  # the checkpoint in flight was finished (loop.train)
+            print("interrupted; rerun the same command to resume from the last checkpoint")
+            sys.exit(130)
         if int(state.step) < config.total_steps:  # stopped by SIGTERM, checkpointed
             sys.exit(preemption.EXIT_CODE)
     elif _MODE.value == "sample":

@@ -158,7 +158,9 @@ def _weight_variant(file: Path) -> str:
     return "" if len(parts) == 2 else re.sub(r"-\d+-of-\d+$", "", parts[-2])
 
 
-def load_safetensors_dir(path: str | Path, variant: str = "") -> tuple[dict[str, Any], StateDict]:
+def load_safetensors_dir(
+    path: str | Path, variant: str = "", *, allow_non_finite: bool = False
+) -> tuple[dict[str, Any], StateDict]:
     """Reads a diffusers/transformers model folder: `config.json` and the `*.safetensors` of one
     weight variant in it.
 
@@ -167,9 +169,15 @@ def load_safetensors_dir(path: str | Path, variant: str = "") -> tuple[dict[str,
       variant: `""` reads the plain files (`model.safetensors`, or its shards); `"fp16"` reads
         `*.fp16.safetensors` (and shards). Hub snapshots often hold several variants side by side
         (`diffusion_pytorch_model.safetensors`, `.fp16.`, `.non_ema.`); only one is read.
+      allow_non_finite: accept tensors holding NaN/inf (by default they are refused by name:
+        damaged bytes in a weight file usually decode to them).
 
     Returns:
       `(config_dict, state_dict)`; the state dict merges all shards.
+
+    Raises:
+      WeightsError: naming the file (and tensor): missing, truncated, empty or unreadable files,
+        non-finite values, tensors in two shards.
     """
     from safetensors.numpy import load_file  # installed with transformers/diffusers
 
@@ -177,6 +185,10 @@ def load_safetensors_dir(path: str | Path, variant: str = "") -> tuple[dict[str,
     config_file = path / "config.json"
     if not config_file.is_file():
         raise WeightsError(f"{path}: no config.json")
+    try:
+        config_dict = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise WeightsError(f"{config_file}: not valid JSON ({e})") from None
     every = sorted(path.glob("*.safetensors"))
     files = [f for f in every if _weight_variant(f) == variant]
     if not files:
@@ -186,12 +198,23 @@ def load_safetensors_dir(path: str | Path, variant: str = "") -> tuple[dict[str,
         )
     state_dict: StateDict = {}
     for f in files:
-        shard = load_file(str(f))
+        try:
+            shard = load_file(str(f))
+        except Exception as e:  # safetensors' own error type for truncated or empty files
+            raise WeightsError(f"{f}: not a readable safetensors file ({e})") from None
+        if not allow_non_finite:
+            for name, array in shard.items():
+                if array.dtype.kind not in "biu" and not np.isfinite(array).all():
+                    count = int(array.size - np.isfinite(array).sum())
+                    raise WeightsError(
+                        f"{f}: tensor {name!r} has {count} non-finite values (a damaged file?); "
+                        "allow_non_finite=True loads it anyway"
+                    )
         dup = state_dict.keys() & shard.keys()
         if dup:
             raise WeightsError(f"{f}: tensors also in another shard: {sorted(dup)[:5]}")
         state_dict.update(shard)
-    return json.loads(config_file.read_text()), state_dict
+    return config_dict, state_dict
 
 
 # =================================================================================================

@@ -76,12 +76,13 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(uninterrupted, tmp_pat
     abstract = checkpoint.abstract_like(loop.train(tiny_config(total_steps=0), tmp_path / "fresh"))
     state, extra = checkpoint.restore_latest(manager, abstract)
     assert int(state.step) == 3 and extra["step"] == 3
-    assert "step 6" in caplog.text and "unreadable" in caplog.text
+    assert "checkpoints/6 cannot be used" in caplog.text
+    assert (tmp_path / "checkpoints" / "6.corrupt").is_dir()  # moved aside: step 6 can be rewritten
 
     for f in (tmp_path / "checkpoints" / "3" / "state").rglob("*"):
         if f.is_file() and f.stat().st_size > 0:
             f.write_bytes(b"garbage")
-    with pytest.raises(checkpoint.CheckpointError, match="no readable checkpoint"):
+    with pytest.raises(checkpoint.CheckpointError, match=r"no checkpoint in .* restores"):
         checkpoint.restore_latest(manager, abstract)
 
 
@@ -127,7 +128,7 @@ def test_init_from_another_architecture_names_the_file_and_the_shapes(tmp_path):
 
 def test_nan_stops_without_checkpoint(tmp_path):
     config = tiny_config(log_every=100)
-    config.optimizer.learning_rate = float("nan")
+    config.optimizer.learning_rate = 1e30  # (a NaN rate is refused before compute)
     with pytest.raises(loop.NonFiniteError, match="non-finite loss or gradient at step 3"):
         loop.train(config, tmp_path)
     ckpts = tmp_path / "checkpoints"

@@ -7,15 +7,19 @@ step), `tensorboard/` (the same scalars and the sample grids as TensorBoard even
 Placement (flash_jax/parallel.py): the state, the frozen models and each batch live on the
 `config.mesh` mesh, sharded by `config.sharding_rules` (and by size, `config.fsdp_min_size`);
 the frozen models are cast to `config.frozen_dtype`. One device is the 1×1×1 mesh.
-A SIGTERM stops the run at the next step boundary once that step is checkpointed
-(flash_jax/train/preemption.py); a rerun resumes there, also on another mesh or device count.
+A SIGTERM stops the run at the next step boundary once that step is checkpointed, or before the
+first step if it arrives during start-up (flash_jax/train/preemption.py); a rerun resumes there,
+also on another mesh or device count. A second run on the same workdir is refused
+(flash_jax/train/lock.py); docs/faults.md lists the faults and what the run does about each.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,9 +30,10 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
+from flash_jax import config as flash_config
 from flash_jax import methods, parallel
 from flash_jax.data import shapes
-from flash_jax.train import checkpoint, preemption, tensorboard
+from flash_jax.train import checkpoint, lock, preemption, tensorboard
 from flash_jax.train.state import TrainState, init_state
 from flash_jax.train.step import compile_train_step, make_train_step
 
@@ -91,11 +96,49 @@ def _write_jsonl(path: Path, record: dict[str, Any]) -> None:
 
 def _truncate_jsonl(path: Path, last_step: int) -> None:
     """Drops records logged after `last_step` (by a run killed after its last checkpoint), so a
-    resumed run's metrics have no duplicated steps."""
-    if path.exists():
-        lines = path.read_text().splitlines()
-        kept = [line for line in lines if json.loads(line)["step"] <= last_step]
-        path.write_text("".join(line + "\n" for line in kept))
+    resumed run's metrics have no duplicated steps; a line cut short by a crash mid-write ends the
+    file there, with a warning."""
+    if not path.exists():
+        return
+    kept = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            step = json.loads(line)["step"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            log.warning("%s: line %d is not a complete record; truncated there", path, number)
+            break
+        if step <= last_step:
+            kept.append(line)
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def check_recorded_method(config: ml_collections.ConfigDict, workdir: str | Path) -> None:
+    """Refuses a config whose method differs from the one recorded in `workdir/config.json`.
+
+    Raises:
+      flash_config.ConfigError: the methods differ, or config.json is not readable JSON.
+    """
+    path = Path(workdir) / "config.json"
+    if not path.is_file():
+        return
+    try:
+        recorded = json.loads(path.read_text()).get("method")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise flash_config.ConfigError(f"{path}: not a JSON config ({e})") from None
+    if recorded is not None and recorded != config.method:
+        raise flash_config.ConfigError(
+            f"{workdir} holds a {recorded!r} run ({path}) but the config's method is "
+            f"{config.method!r}: give that run's config, or another --workdir"
+        )
+
+
+def _remove_if_unused(workdir: Path) -> None:
+    """Removes a workdir this run created when nothing but the lock and an empty checkpoints
+    folder was written (the run failed before its first output)."""
+    names = {p.name for p in workdir.iterdir()}
+    ckpts = workdir / "checkpoints"
+    if names <= {"lock", "checkpoints"} and not (ckpts.is_dir() and any(ckpts.iterdir())):
+        shutil.rmtree(workdir)
 
 
 def _raise_non_finite(step: int, metrics: dict[str, float]) -> None:
@@ -195,12 +238,34 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainState:
     """Trains `config.method` until `config.total_steps`, resuming from `workdir` if possible.
 
     Returns the final state; after a SIGTERM, the checkpointed state of an earlier step (its
-    `step` is then below `config.total_steps`).
+    `step` is then below `config.total_steps`). Before anything is built: the config's values
+    are checked, the workdir's recorded method must match, the workdir is locked and its
+    checkpoint folder must be writable.
     """
+    flash_config.check_training(config)
+    workdir = Path(workdir)
+    check_recorded_method(config, workdir)
+    created = not workdir.exists()
+    workdir.mkdir(parents=True, exist_ok=True)
+    is_main = jax.process_index() == 0
+    try:
+        with (
+            preemption.watch_sigterm() as should_stop,
+            lock.hold(workdir) if is_main else contextlib.nullcontext(),
+        ):
+            checkpoint.check_writable(workdir / "checkpoints")
+            return _train(config, workdir, should_stop)
+    except BaseException:
+        if created and is_main:
+            _remove_if_unused(workdir)
+        raise
+
+
+def _train(
+    config: ml_collections.ConfigDict, workdir: Path, should_stop: Callable[[int], bool]
+) -> TrainState:
     placement = place(config, parallel.make_mesh(config.mesh))
     method, step_fn, frozen = placement.method, placement.step, placement.frozen
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
     sample_rng = _keys(config.seed)[3]
 
     batch_sharding = placement.batch_sharding
@@ -229,6 +294,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainState:
     sample_fn = jax.jit(method.sample) if method.sample else None
 
     start = int(state.step)
+    if should_stop(start):  # SIGTERM during start-up: nothing new to checkpoint
+        log.warning("SIGTERM during start-up: stopped before step %d; rerun to resume", start + 1)
+        manager.close()
+        return state
     metrics_file = workdir / "metrics.jsonl"
     is_main = jax.process_index() == 0
     if is_main:
@@ -242,8 +311,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainState:
         desc=config.method,
         disable=not is_main,
     )
-    with preemption.watch_sigterm() as should_stop:
+    try:
         for step in progress:
+            checkpoint.check_saves(manager)
             batch = parallel.global_batch(method.prepare_batch(next(data)), batch_sharding)
             state, metrics = step_fn(state, frozen, batch)
             all_finite = jnp.minimum(all_finite, metrics["finite"])
@@ -274,6 +344,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainState:
                         workdir / "samples" / f"step_{done:07d}.png",
                     )
                     writer.image(done, "samples", grid)
+    except KeyboardInterrupt:
+        log.warning("interrupted: finishing the checkpoint in flight, then stopping")
+        manager.wait_until_finished()
+        manager.close()
+        raise
     if writer:
         writer.close()
     manager.wait_until_finished()

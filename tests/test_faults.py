@@ -1,0 +1,252 @@
+"""Faults injected the way a user meets them (docs/faults.md): damaged checkpoints (truncated files,
+overwritten bytes), a second process on the workdir, a checkpoint folder that cannot be written, a
+half-written metrics line, SIGTERM during start-up, out-of-range config values, a changed model or
+method on an existing run. Each is either survived exactly or refused before compute, naming the
+file or key."""
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from configs.shapes import teacher as teacher_config
+from flash_jax import config as flash_config
+from flash_jax import weights
+from flash_jax.train import checkpoint, lock, loop, preemption
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+from test_train import assert_trees_identical, tiny_config  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A 6-step tiny autoencoder run with checkpoints at steps 3 and 6, and its final state."""
+    workdir = tmp_path_factory.mktemp("finished")
+    return workdir, loop.train(tiny_config(), workdir)
+
+
+def _copy_run(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("lock"))
+    return dst
+
+
+def _state_files(workdir: Path, step: int) -> list[Path]:
+    files = [f for f in (workdir / "checkpoints" / str(step) / "state").rglob("*") if f.is_file()]
+    return sorted(files, key=lambda f: f.stat().st_size, reverse=True)
+
+
+def _metrics_steps(workdir: Path) -> list[int]:
+    return [
+        json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text().splitlines()
+    ]
+
+
+def test_keep_checkpoints_0_is_refused_before_anything_is_written(tmp_path):
+    with pytest.raises(
+        flash_config.ConfigError, match="keep_checkpoints=0 must be an integer >= 1"
+    ):
+        loop.train(tiny_config(keep_checkpoints=0), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_truncated_latest_checkpoint_is_moved_aside_and_the_rerun_is_bit_identical(
+    finished, tmp_path, caplog
+):
+    """The probe: truncate every file of checkpoints/6/state, rerun the same command."""
+    source, expected = finished
+    workdir = _copy_run(source, tmp_path / "run")
+    for f in _state_files(workdir, 6):
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    state = loop.train(tiny_config(), workdir)
+    assert int(state.step) == 6
+    assert_trees_identical(state, expected)
+    assert "checkpoints/6 cannot be used" in caplog.text
+    assert (workdir / "checkpoints" / "6.corrupt").is_dir()
+    manager = checkpoint.make_manager(workdir / "checkpoints", async_save=False)
+    assert manager.all_steps() == [3, 6]
+    restored, _ = checkpoint.restore_latest(manager, checkpoint.abstract_like(expected))
+    assert_trees_identical(restored, expected)  # the rewritten step 6
+    assert _metrics_steps(workdir) == [1, 2, 3, 4, 5, 6]
+
+
+def test_sample_and_eval_loading_falls_back_past_a_damaged_checkpoint(finished, tmp_path, caplog):
+    source, _ = finished
+    only_3 = _copy_run(source, tmp_path / "only_3")
+    shutil.rmtree(only_3 / "checkpoints" / "6")
+    damaged = _copy_run(source, tmp_path / "damaged")
+    for f in _state_files(damaged, 6):
+        f.write_bytes(b"")
+    assert_trees_identical(checkpoint.load_params(damaged), checkpoint.load_params(only_3))
+    assert f"{damaged}/checkpoints/6 cannot be used" in caplog.text
+    assert (damaged / "checkpoints" / "6").is_dir()  # loading for sampling never moves files
+
+
+def test_overwritten_bytes_that_still_decode_are_caught_by_the_digests(finished, tmp_path, caplog):
+    """The probe: 64 garbage bytes into the middle of the largest data file of checkpoint 6."""
+    source, expected = finished
+    workdir = _copy_run(source, tmp_path / "run")
+    target = _state_files(workdir, 6)[0]
+    data = bytearray(target.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 64] = b"\x7f" * 64
+    target.write_bytes(bytes(data))
+    abstract = checkpoint.abstract_like(expected)
+    manager = checkpoint.make_manager(workdir / "checkpoints", async_save=False)
+    # Orbax alone restores the damaged step without complaint: the fault is silent without digests.
+    silent = manager.restore(6, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+    leaves = zip(jax.tree.leaves(silent["state"]), jax.tree.leaves(expected), strict=True)
+    assert any(not np.array_equal(a, b) for a, b in leaves)
+
+    state, extra = checkpoint.restore_latest(manager, abstract)
+    assert int(state.step) == 3 and extra["step"] == 3
+    assert "checkpoint 6: arrays differ from the digests saved with them" in caplog.text
+    assert (workdir / "checkpoints" / "6.corrupt").is_dir()
+
+
+def test_a_model_change_is_reported_briefly_and_no_checkpoint_is_moved(finished, tmp_path):
+    source, _ = finished
+    workdir = _copy_run(source, tmp_path / "run")
+    config = tiny_config()
+    config.model.autoencoder.block_out_channels = [8, 8]
+    with pytest.raises(checkpoint.CheckpointError, match="restores with this config") as e:
+        loop.train(config, workdir)
+    assert len(str(e.value)) < 1500
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["3", "6"]
+
+
+def test_a_second_process_on_the_workdir_is_refused_at_once(tmp_path):
+    """The probe: two runs on one workdir. The first holds the lock from another process."""
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom flash_jax.train import lock\n"
+         "with lock.hold(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(300)",
+         str(workdir)],
+        cwd=ROOT, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        start = time.monotonic()
+        with pytest.raises(lock.WorkdirBusy, match=f"in use by host .* pid {holder.pid}"):
+            loop.train(tiny_config(), workdir)
+        assert time.monotonic() - start < 5  # refused before anything is built or compiled
+        assert sorted(p.name for p in workdir.iterdir()) == ["lock"]
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    with lock.hold(workdir):  # the dead holder's lock is stale: taken over
+        assert f"pid {os.getpid()}" in (workdir / "lock").read_text()
+
+
+def test_a_half_written_metrics_line_is_truncated_on_resume(tmp_path, caplog):
+    """The probe: a crash mid-write leaves the last line of metrics.jsonl incomplete."""
+    loop.train(tiny_config(total_steps=3), tmp_path)
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 4, "loss": 0.12')
+    loop.train(tiny_config(), tmp_path)
+    assert _metrics_steps(tmp_path) == [1, 2, 3, 4, 5, 6]
+    assert f"{tmp_path / 'metrics.jsonl'}: line 4 is not a complete record" in caplog.text
+
+
+def test_an_unwritable_checkpoint_folder_stops_the_run_before_compute(tmp_path):
+    """The probe: a file where the checkpoint folder should be."""
+    (tmp_path / "checkpoints").write_text("not a folder")
+    start = time.monotonic()
+    with pytest.raises(checkpoint.CheckpointError, match=r"cannot write checkpoints to .*checkp"):
+        loop.train(tiny_config(), tmp_path)
+    assert time.monotonic() - start < 5 and not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_a_failed_checkpoint_write_stops_the_run_at_once(tmp_path):
+    """The probe: a file put where the checkpoint folder is, while the run trains. The next save
+    fails and the run stops there, naming the path, instead of training on."""
+    folder = tmp_path / "checkpoints"
+
+    def replace_folder():
+        metrics = tmp_path / "metrics.jsonl"
+        while not (metrics.exists() and metrics.read_text().strip()):
+            time.sleep(0.01)
+        shutil.rmtree(folder)
+        folder.write_text("in the way")
+
+    swap = threading.Thread(target=replace_folder, daemon=True)
+    swap.start()
+    with pytest.raises(checkpoint.CheckpointError, match=r"checkpoint \d+ to .*checkpoints failed"):
+        loop.train(tiny_config(total_steps=12, checkpoint_every=3), tmp_path)
+    swap.join()
+    assert _metrics_steps(tmp_path)[-1] <= 6  # stopped at the first failed save (step 3 or 6)
+
+
+def test_another_method_on_a_run_is_refused_naming_both(finished, tmp_path):
+    source, _ = finished
+    config = teacher_config.get_config("tiny")
+    with pytest.raises(flash_config.ConfigError, match=r"holds a 'autoencoder' run .*'denoising'"):
+        loop.train(config, source)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text('{"method": "autoenc')
+    with pytest.raises(flash_config.ConfigError, match=f"{bad / 'config.json'}: not a JSON config"):
+        loop.check_recorded_method(config, bad)
+
+
+@pytest.mark.slow
+def test_sigterm_during_start_up_exits_75(tmp_path):
+    """The probe: SIGTERM while the run loads and compiles (the workdir is locked from the start)."""
+    cmd = [sys.executable, "-m", "flash_jax.main", f"--workdir={tmp_path}",
+           "--config=configs/shapes/autoencoder.py:tiny"]  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"}, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.time() + 120
+    while not (tmp_path / "lock").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == preemption.EXIT_CODE, err[-3000:]
+    assert "SIGTERM during start-up: stopped before step 1" in err
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def _weights_folder(tmp_path: Path) -> Path:
+    from safetensors.numpy import save_file
+
+    folder = tmp_path / "unet"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"in_channels": 4}')
+    tensors = {"a.weight": np.ones((8, 8), np.float32), "b.bias": np.zeros(16, np.float32)}
+    save_file(tensors, str(folder / "model.safetensors"))
+    return folder
+
+
+def test_damaged_safetensors_bytes_are_refused_naming_the_tensor(tmp_path):
+    """The probe: bytes of a weight file overwritten (here with 0xff: NaN as float32)."""
+    folder = _weights_folder(tmp_path)
+    file = folder / "model.safetensors"
+    data = bytearray(file.read_bytes())
+    data[-64:] = b"\xff" * 64  # the last tensor's data: 16 float32 values
+    file.write_bytes(bytes(data))
+    with pytest.raises(weights.WeightsError, match=r"model\.safetensors: tensor 'b\.bias' has 16"):
+        weights.load_safetensors_dir(folder)
+    _, state = weights.load_safetensors_dir(folder, allow_non_finite=True)
+    assert np.isnan(state["b.bias"]).all() and (state["a.weight"] == 1).all()
+
+
+@pytest.mark.parametrize("fault", ["truncated", "empty", "bad config.json"])
+def test_unreadable_weight_files_are_named(tmp_path, fault):
+    folder = _weights_folder(tmp_path)
+    file = folder / ("config.json" if fault == "bad config.json" else "model.safetensors")
+    file.write_bytes({"truncated": file.read_bytes()[:100], "empty": b""}.get(fault, b'{"in_'))
+    with pytest.raises(weights.WeightsError, match=re.escape(str(file))):
+        weights.load_safetensors_dir(folder)
