@@ -75,9 +75,11 @@ def eval_config(assets: Path, student: Path):
     )
     with config.unlocked():
         config.prompt_sets = ("eval",)
+        config.reference = "Teacher@1"
+        config.teacher_reference = "teacher_a@2"
         config.runs = [
-            dict(teacher, name="teacher_a"),
-            dict(teacher, name="teacher_b", steps=[1]),
+            dict(teacher, name="teacher_a", seed=0),
+            dict(teacher, name="teacher_b", steps=[1], seed=1),
             dict(
                 label="LCM",
                 name="lcm",
@@ -167,6 +169,38 @@ def test_report_has_mean_std_table_plots_and_grids(evaluated):
         assert (out / name).stat().st_size > 1000
 
 
+def test_paired_comparison_against_the_reference_row(evaluated):
+    """comparison.md and results.json's "compared": per row and metric the per-seed values and
+    the paired 95 % interval of the difference to the reference row (Teacher @ 1, two seeds);
+    the teacher-relative metrics are 0 for the teacher's own images."""
+    _, workdir, _ = evaluated
+    out = workdir / "evaluation"
+    saved = json.loads((out / "results.json").read_text())
+    compared = {(e["label"], e["steps"]): e for e in saved["compared"]["eval"]}
+    assert set(compared) == {
+        ("Teacher", 1),
+        ("Teacher", 2),
+        ("LCM", 2),
+        ("Step distillation", 1),
+        ("ADD", 2),
+    }
+    reference = compared[("Teacher", 1)]
+    assert reference["seeds"] == [0, 1] and reference["metrics"]["fd_judge"]["ci95"] is None
+    assert len(reference["metrics"]["fd_judge"]["seeds"]) == 2
+    for key, entry in compared.items():
+        for m, cell in entry["metrics"].items():
+            assert math.isfinite(cell["mean"]), (key, m)
+            if key != ("Teacher", 1) and cell["ci95"] is not None and math.isfinite(cell["diff"]):
+                low, high = cell["ci95"]
+                assert low <= high, (key, m)
+    own = compared[("Teacher", 2)]["metrics"]
+    assert own["teacher_dist"]["mean"] == 0.0 and own["fd_teacher"]["mean"] < 1e-6
+    assert not compared[("LCM", 2)]["paired_by_seed"]  # one seed against two
+    noise = saved["evaluation_noise"]["eval"]
+    assert noise["noise_seeds"] >= 0 and noise["real_sets"] >= 0
+    assert "Teacher@1" in (out / "comparison.md").read_text()
+
+
 def test_rerun_skips_done_rows_and_recomputes_missing_ones(evaluated, monkeypatch):
     config, workdir, rows = evaluated
     results = workdir / "evaluation" / "results.json"
@@ -241,7 +275,7 @@ def test_sweep_jobs_load_their_configs_and_chain_step_distillation():
     points = comparison.get_hyper(sweep.Hyper(""))
     jobs = sweep.commands("configs/shapes/comparison.py", "R", "local", points, [])
     names = [job["name"] for job, _ in jobs]
-    assert len(names) == len(set(names)) == 2 * (len(comparison.RUNS) + 4) + 1
+    assert len(names) == len(set(names)) == 5 * (len(comparison.RUNS) + 4) + 1
     sweep.check_jobs({}, [sweep.split_point(p, "unused", "R") for p in points])
     for job, argv in jobs:
         assert argv[:3] == ["launch/local.sh", job["config"], job["workdir"]]
@@ -253,8 +287,9 @@ def test_sweep_jobs_load_their_configs_and_chain_step_distillation():
     evaluation, argv = by_name["evaluate"]
     assert argv[-1] == "--mode=eval" and set(evaluation["after"]) == set(names[:-1])
     eval_runs = {r["name"] for r in comparison.get_config("").runs}
+    eval_workdirs = {r["workdir"] for r in comparison.get_config("").runs if r["name"] != "teacher"}
     trained = {job["name"] for job, _ in jobs if job["mode"] == "train"}
-    assert eval_runs - {"teacher"} <= trained
+    assert eval_workdirs <= trained
     assert {"if3_no_srl_s0", "lcm_s1", "sd4_s0", "add_s1"} <= eval_runs
 
 
@@ -266,7 +301,9 @@ def test_comparison_only_trains_and_evaluates_the_chosen_runs():
     ] + ["evaluate"]
     assert points[-1]["config"].endswith(":seeds=2,assets=assets/shapes,only=if3+sd")
     runs = [r["name"] for r in comparison.get_config("seeds=2,only=if3+sd").runs]
-    assert runs == ["teacher", "if3_s0", "sd4_s0", "if3_s1", "sd4_s1"]
+    assert runs == [
+        *("teacher", "if3_s0", "if3_nc_off_s0", "sd4_s0", "if3_s1", "if3_nc_off_s1", "sd4_s1")
+    ]
     with pytest.raises(ValueError, match=r"only= names \['if9'\]"):
         comparison.get_config("only=if3+if9")
 

@@ -51,6 +51,8 @@ RUNS = (
     ("ADD", "add", "configs/shapes/add.py", (4,)),
     ("LCM", "lcm", "configs/shapes/lcm.py", (1, 2, 3)),
 )
+REFERENCE_LABEL = "Imagine Flash"  # at 3 steps: the row the paired intervals are against
+NC_OFF_LABEL = "IF, sampled w/o noise correction"
 STEP_DISTILL = "configs/shapes/step_distill.py"
 NAMES = (*(name for _, name, _, _ in RUNS), "sd")  # what `only=` picks from; "sd": the chain
 TEACHER_STEPS = (25, 3)
@@ -58,7 +60,7 @@ TEACHER_STEPS = (25, 3)
 
 def _parse(arg: str) -> dict:
     """`{"tiny", "seeds", "assets"}` from the comma-separated argument."""
-    out = dict(tiny=False, seeds=2, assets=DEFAULT_ASSETS, only=NAMES)
+    out = dict(tiny=False, seeds=5, assets=DEFAULT_ASSETS, only=NAMES)
     for token in filter(None, (arg or "").split(",")):
         key, eq, value = token.partition("=")
         if token == "tiny":
@@ -108,8 +110,21 @@ def evaluated_runs(arg: str = "") -> list[dict]:
                     name=f"{name}_s{seed}",
                     config=_with_tiny(config, tiny),
                     steps=steps,
+                    seed=seed,
                 )
             )
+            if name == "if3":  # the same students sampled without noise correction
+                out.append(
+                    dict(
+                        label=NC_OFF_LABEL,
+                        name=f"if3_nc_off_s{seed}",
+                        workdir=f"if3_s{seed}",
+                        config=_with_tiny(config, tiny),
+                        steps=steps,
+                        seed=seed,
+                        overrides={"sample.noise_correction": False},
+                    )
+                )
         if "sd" not in a["only"]:
             continue
         last = step_distill.CHAIN[-1]
@@ -119,6 +134,7 @@ def evaluated_runs(arg: str = "") -> list[dict]:
                 name=f"sd{last}_s{seed}",
                 config=_with_tiny(f"{STEP_DISTILL}:{last}", tiny),
                 steps=(int(last),),
+                seed=seed,
             )
         )
     return out
@@ -167,7 +183,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     tiny = a["tiny"]
     c = ml_collections.ConfigDict()
     c.judge = f"{a['assets']}/judge.msgpack"  # judge run directory or params file
-    c.num_images = 300  # prompts per prompt set (one image per prompt and noise seed)
+    c.num_images = 2000  # prompts per prompt set (one image per prompt and noise seed)
     c.prompt_sets = ("eval", "heldout")  # Shapes splits: seen / held-out attribute combinations
     c.noise_seeds = (0, 1)  # initial-noise seeds (diversity is measured across them)
     c.data_seed = 0  # Shapes generator seed of the prompts and real images
@@ -176,6 +192,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.grid_prompts = 8  # prompts (columns) in the side-by-side sample grids
     c.plot_metrics = ("fd_judge", "mean", "chroma", "diversity")  # plotted against steps
     c.out_dir = "evaluation"  # output folder under --workdir
+    c.reference = f"{REFERENCE_LABEL}@3"  # every row's paired interval is against this row
+    c.teacher_reference = f"teacher@{TEACHER_STEPS[0]}"  # teacher-relative metrics' images
+    c.num_resamples = 1000  # bootstrap resamples of the paired 95 % intervals
     teacher = dict(
         label="Teacher (CFG)",
         name="teacher",
@@ -185,11 +204,14 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         overrides={"autoencoder_workdir": f"{a['assets']}/autoencoder.msgpack"},
     )
     trained = [
-        dict(label=r["label"], name=r["name"], workdir=r["name"], steps=r["steps"])
+        dict(workdir=r["name"]) | {k: v for k, v in r.items() if k != "config"}
         for r in evaluated_runs(arg)
     ]
     c.runs = [teacher, *trained]
+    if not any(r["label"] == REFERENCE_LABEL for r in trained):
+        c.reference = ""  # no Imagine Flash 3-step row chosen: no paired intervals
     if tiny:
         c.num_images, c.image_size, c.batch_size, c.grid_prompts = 4, 16, 4, 4
+        c.num_resamples = 20
     c.lock()
     return c

@@ -47,7 +47,7 @@ from tqdm import tqdm
 from flash_jax import methods, parallel, sampling
 from flash_jax.config import load_config_file, set_dotted
 from flash_jax.data import shapes
-from flash_jax.eval import judge, metrics
+from flash_jax.eval import judge, metrics, paired
 from flash_jax.pipeline import T2I
 from flash_jax.train import checkpoint
 
@@ -150,13 +150,16 @@ def score(
     judge_params: Any,
     judge_config: judge.JudgeConfig,
     real_features: np.ndarray,
+    outputs: Sequence[dict[str, np.ndarray]] | None = None,
 ) -> dict[str, float]:
     """Metrics of generated (or real) images `(N, H, W, 3)`, or of one such array per noise seed,
     against the prompts' labels and the real images' judge features. fd_judge is the mean over
     seeds (`fd_judge_per_seed` lists them), alignment and colour statistics are pooled, and with
-    several seeds `diversity` is `metrics.seed_diversity` of their judge features."""
+    several seeds `diversity` is `metrics.seed_diversity` of their judge features. `outputs`: the
+    judge's outputs of each seed's images when already computed."""
     per_seed = [images] if isinstance(images, np.ndarray) else list(images)
-    outputs = [judge.predict(judge_params, im, judge_config) for im in per_seed]
+    if outputs is None:
+        outputs = [judge.predict(judge_params, im, judge_config) for im in per_seed]
     table = metrics.alignment_table([judge.alignment(out, labels) for out in outputs])
     row: dict[str, Any] = {k: v["accuracy"] for k, v in table.items() if k != "all"}
     fds = [metrics.frechet_distance_from_features(o["features"], real_features) for o in outputs]
@@ -270,6 +273,9 @@ EVAL_KEYS = {
     "plot_metrics": "metrics plotted against steps",
     "out_dir": "output folder under --workdir",
     "runs": "list of run dicts (see `RunSpec`)",
+    "reference": "'label@steps' of the row every other row is compared with ('' for none)",
+    "teacher_reference": "'run name@steps' whose images the teacher-relative metrics use",
+    "num_resamples": "bootstrap resamples of the paired 95 % intervals",
 }
 
 
@@ -286,6 +292,7 @@ class RunSpec:
     steps: step counts to sample with.
     config: `config.py[:variants]` to build the method from, when `workdir` has no config.json.
     overrides: dotted config keys to set after loading (e.g. `{"sample.noise_correction": False}`).
+    seed: the training seed; rows of two labels are paired run by run when their seeds match.
     """
 
     label: str
@@ -294,6 +301,7 @@ class RunSpec:
     steps: tuple[int, ...]
     config: str = ""
     overrides: tuple[tuple[str, Any], ...] = ()
+    seed: int = 0
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunSpec:
@@ -382,8 +390,13 @@ def row_key(name: str, steps: int | str, prompt_set: str) -> str:
     return f"{name}|{steps}|{prompt_set}"
 
 
-def _tile_path(out_dir: Path, key: str) -> Path:
-    return out_dir / "tiles" / (re.sub(r"[^A-Za-z0-9_.-]+", "_", key) + ".npy")
+def _tile_path(out_dir: Path, key: str, folder: str = "tiles", suffix: str = ".npy") -> Path:
+    return out_dir / folder / (re.sub(r"[^A-Za-z0-9_.-]+", "_", key) + suffix)
+
+
+def _record_path(out_dir: Path, key: str) -> Path:
+    """The per-image record (`paired.Record`) of a row, for the paired intervals."""
+    return _tile_path(out_dir, key, "records", ".npz")
 
 
 @dataclasses.dataclass
@@ -395,6 +408,7 @@ class PromptSet:
     labels: dict[str, np.ndarray]
     real: np.ndarray
     real_features: np.ndarray
+    other_real_features: np.ndarray  # a disjoint real draw of the same size (evaluation noise)
 
 
 def load_prompt_set(
@@ -402,18 +416,43 @@ def load_prompt_set(
 ) -> PromptSet:
     real, labels = judge.real_examples(name, num, data_seed, image_size)
     features = judge.predict(judge_params, real, judge_config)["features"]
-    return PromptSet(name, [str(c) for c in labels["caption"]], labels, real, features)
+    other, _ = judge.real_examples(name, num, data_seed, image_size, start=num)
+    other_features = judge.predict(judge_params, other, judge_config)["features"]
+    captions = [str(c) for c in labels["caption"]]
+    return PromptSet(name, captions, labels, real, features, np.asarray(other_features))
 
 
-def real_row(prompts: PromptSet, judge_params, judge_config, data_seed: int) -> dict[str, Any]:
+def real_row(prompts: PromptSet, judge_params, judge_config) -> dict[str, Any]:
     """The reference row: alignment of the real images, and the FD of a disjoint real draw of
     the same size (the floor every generator's fd_judge is compared with)."""
     row = score(prompts.real, prompts.labels, judge_params, judge_config, prompts.real_features)
-    n, size = len(prompts.real), prompts.real.shape[1]
-    other, _ = judge.real_examples(prompts.name, n, data_seed, size, start=n)
-    other_features = judge.predict(judge_params, other, judge_config)["features"]
-    row["fd_judge"] = metrics.frechet_distance_from_features(other_features, prompts.real_features)
+    row["fd_judge"] = metrics.frechet_distance_from_features(
+        prompts.other_real_features, prompts.real_features
+    )
     return row | {"label": "real", "run": "real", "steps": 0, "prompt_set": prompts.name}
+
+
+def generated_row(
+    images: Sequence[np.ndarray], prompts: PromptSet, judge_params, judge_config
+) -> tuple[dict[str, Any], paired.Record]:
+    """The metrics row of one generator's images (one array per noise seed) and its per-image
+    record. `fd_judge_other_real` is its FD to the disjoint real draw: how much the choice of
+    real set moves the FD (evaluation noise)."""
+    outputs = [judge.predict(judge_params, im, judge_config) for im in images]
+    row = score(images, prompts.labels, judge_params, judge_config, prompts.real_features, outputs)
+    row["fd_judge_other_real"] = float(
+        np.mean(
+            [
+                metrics.frechet_distance_from_features(o["features"], prompts.other_real_features)
+                for o in outputs
+            ]
+        )
+    )
+    correct = [judge.alignment(o, prompts.labels)["all"] for o in outputs]
+    record = paired.make_record(
+        images, [o["features"] for o in outputs], correct, prompts.labels["category"]
+    )
+    return row, record
 
 
 def _call_generate(generate_jit, steps, params_and_frozen, tokens, x_T, rng):
@@ -462,10 +501,11 @@ def run_evaluation(config: ml_collections.ConfigDict, workdir: str | Path) -> di
         )
         for name in config.prompt_sets
     }
+    (out_dir / "records").mkdir(exist_ok=True)
     for p in prompt_sets.values():
         key = row_key("real", 0, p.name)
         if key not in rows:
-            rows[key] = real_row(p, judge_params, judge_config, config.data_seed)
+            rows[key] = real_row(p, judge_params, judge_config)
             np.save(_tile_path(out_dir, key), p.real[: config.grid_prompts])
             _write_json(results_path, {"rows": rows})
 
@@ -475,6 +515,7 @@ def run_evaluation(config: ml_collections.ConfigDict, workdir: str | Path) -> di
         for n in r.steps
         for p in prompt_sets
         if row_key(r.name, n, p) not in rows
+        or not _record_path(out_dir, row_key(r.name, n, p)).is_file()
     ]
     total = sum(len(r.steps) for r in runs) * len(prompt_sets)
     progress = tqdm(total=total, initial=total - len(todo), desc="evaluate")
@@ -490,23 +531,108 @@ def run_evaluation(config: ml_collections.ConfigDict, workdir: str | Path) -> di
             images = [
                 generator.images(prompts.captions, steps, s, config.batch_size) for s in seeds
             ]
-            row = score(images, prompts.labels, judge_params, judge_config, prompts.real_features)
+            row, record = generated_row(images, prompts, judge_params, judge_config)
             row |= {
                 "label": run.label,
                 "run": run.name,
+                "seed": run.seed,
                 "steps": steps,
                 "prompt_set": prompt_set,
                 "nfe": generator.nfe(steps),
             }
             key = row_key(run.name, steps, prompt_set)
             np.save(_tile_path(out_dir, key), images[0][: config.grid_prompts])
+            record.save(_record_path(out_dir, key))
             rows[key] = row
             _write_json(results_path, {"rows": rows})
             progress.update()
         del generator  # frees its frozen models before the next run's
     progress.close()
     write_comparison(rows, config, out_dir, [p.captions for p in prompt_sets.values()])
+    if config.reference:
+        compared = paired_comparison(rows, config, out_dir, prompt_sets)
+        _write_json(results_path, {"rows": rows, **compared})
     return rows
+
+
+def _at(spec: str, what: str) -> tuple[str, int]:
+    name, at, steps = spec.rpartition("@")
+    if not at or not steps.isdigit():
+        raise ValueError(f"eval config {what}={spec!r}: expected 'NAME@STEPS'")
+    return name, int(steps)
+
+
+def evaluation_noise(rows: dict[str, dict[str, Any]], prompt_set: str) -> dict[str, float]:
+    """How much FD-judge moves with the evaluation's own choices, over the generated rows of a
+    prompt set: `noise_seeds` the mean |FD(seed a) − FD(seed b)| over pairs of noise seeds;
+    `real_sets` the mean |FD(prompts' real images) − FD(a disjoint real draw)|."""
+    seed_gaps, real_gaps = [], []
+    for r in rows.values():
+        if r["prompt_set"] != prompt_set or r["run"] == "real":
+            continue
+        per_seed = r.get("fd_judge_per_seed", [])
+        seed_gaps += [abs(a - b) for i, a in enumerate(per_seed) for b in per_seed[i + 1 :]]
+        if "fd_judge_other_real" in r:
+            real_gaps.append(abs(r["fd_judge"] - r["fd_judge_other_real"]))
+    return {
+        "noise_seeds": float(np.mean(seed_gaps)) if seed_gaps else float("nan"),
+        "real_sets": float(np.mean(real_gaps)) if real_gaps else float("nan"),
+    }
+
+
+def paired_comparison(
+    rows: dict[str, dict[str, Any]],
+    config: ml_collections.ConfigDict,
+    out_dir: Path,
+    prompt_sets: dict[str, PromptSet],
+) -> dict[str, Any]:
+    """`{"compared": {prompt set: paired.compare(...)}, "evaluation_noise": {...}}` of the rows,
+    grouped by (label, steps) over training seeds, against `config.reference`; also written as
+    comparison.md."""
+    reference = _at(config.reference, "reference")
+    teacher_run, teacher_steps = _at(config.teacher_reference, "teacher_reference")
+    compared, noise, parts = {}, {}, ["# Paired comparison", ""]
+    for name, prompts in prompt_sets.items():
+        groups: dict[tuple[str, int], list[dict]] = {}
+        for key, r in rows.items():
+            if r["prompt_set"] == name and r["run"] != "real":
+                groups.setdefault((r["label"], r["steps"]), []).append(r | {"key": key})
+        teacher = paired.Record.load(
+            _record_path(out_dir, row_key(teacher_run, teacher_steps, name))
+        )
+        compare_rows = []
+        for (label, steps), members in groups.items():
+            members = sorted(members, key=lambda r: r.get("seed", 0))
+            compare_rows.append(
+                paired.Row(
+                    label,
+                    steps,
+                    tuple(r.get("seed", 0) for r in members),
+                    tuple(paired.Record.load(_record_path(out_dir, r["key"])) for r in members),
+                    members[0].get("nfe", 0),
+                )
+            )
+        compared[name] = paired.compare(
+            compare_rows,
+            reference,
+            prompts.real_features,
+            teacher,
+            num_resamples=config.num_resamples,
+        )
+        noise[name] = evaluation_noise(rows, name)
+        parts += [
+            f"## Prompt set `{name}`",
+            "",
+            f"Each cell: mean over training seeds (difference to {config.reference} "
+            "[paired bootstrap 95 % interval]; * the interval excludes 0). Evaluation noise of "
+            f"FD-judge: noise seeds {noise[name]['noise_seeds']:.3f}, real sets "
+            f"{noise[name]['real_sets']:.3f}.",
+            "",
+            paired.markdown(compared[name], paired.METRICS),
+            "",
+        ]
+    (out_dir / "comparison.md").write_text("\n".join(parts))
+    return {"compared": compared, "evaluation_noise": noise}
 
 
 SUMMARY_COLUMNS = ("fd_judge", *shapes.CATEGORIES, "mean", "chroma", "contrast", "diversity")
