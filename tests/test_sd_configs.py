@@ -204,3 +204,20 @@ def test_folder_variant_takes_the_architecture_from_the_folder(tmp_path):
     (tmp_path / "text_encoder_2" / "config.json").unlink()
     with pytest.raises(FileNotFoundError, match=r"text_encoder_2/config\.json: no such file"):
         sdxl_imagine_flash.get_config(f"folder={tmp_path}")
+
+
+PRESET_MEMORY = json.loads((ROOT / "benchmarks/results/sd_preset_memory.json").read_text())
+
+
+@pytest.mark.parametrize("key", sorted(PRESET_MEMORY))
+def test_measured_presets_are_as_configured_and_fit(key):
+    """A row of benchmarks/results/sd_preset_memory.json (docs/scaling.md's table) was compiled
+    with the mesh, batch and dtypes its preset has now, and peaks under 90 % of the chip."""
+    name, machine = key.split(":")
+    row = PRESET_MEMORY[key]
+    config = CONFIGS[name].get_config(machine)
+    assert row["mesh"] == config.mesh.to_dict() and row["global_batch"] == config.batch_size
+    assert row["frozen_dtype"] == config.frozen_dtype and row["remat"] == config.model.remat
+    assert row["hbm_gib"] == common.HBM_GIB[machine]
+    assert row["peak_gib"] == round(row["per_device_bytes"]["peak_estimate_bytes"] / 2**30, 2)
+    assert row["peak_gib"] <= 0.9 * row["hbm_gib"]
