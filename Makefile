@@ -20,8 +20,8 @@ demo: $(VENV)/.runtime
 	$(PY) -m flash_jax.demo --workdir runs/demo
 
 test: $(VENV)/.dev docs-check
-	$(VENV)/bin/ruff check flash_jax tests benchmarks configs launch docs
-	$(VENV)/bin/ruff format --check flash_jax tests benchmarks configs launch docs
+	$(VENV)/bin/ruff check flash_jax tests benchmarks configs launch docs/render.py
+	$(VENV)/bin/ruff format --check flash_jax tests benchmarks configs launch docs/render.py
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q -n auto --dist loadfile --durations=15
 
 # The measured figures of README.md and docs/*.md, rendered from the JSON artifacts they name
