@@ -225,3 +225,56 @@ def test_one_step_student_rollout_is_the_initial_noise(setup):
     zeros = jnp.zeros((B,), jnp.int32)
     got = ifl.rollout(model, params["unet"], x_T, plans, zeros, zeros, context, True)
     np.testing.assert_array_equal(got, x_T)
+
+
+def test_step_means_and_loss_weights_in_closed_form():
+    values = jnp.array([1.0, 3.0, 10.0, 4.0, 2.0])
+    step = jnp.array([0, 0, 1, 2, 2])
+    np.testing.assert_allclose(ifl.step_means(values, step, 4), [2.0, 10.0, 3.0, 0.0])
+    schedule = diffusion.make_schedule()
+    t = jnp.array([999, 999, 666, 333, 333])
+    w = ifl.loss_weights(values, t, step, 4, "normalized", schedule)
+    np.testing.assert_allclose(ifl.step_means(values * w, step, 4)[:3], [1.0, 1.0, 1.0])
+    alpha = ifl.loss_weights(values, t, step, 4, "alpha", schedule)
+    np.testing.assert_allclose(alpha, schedule.alpha_sigma(t)[0])
+    assert float(ifl.loss_weights(values, t, step, 4, "uniform", schedule).sum()) == 5.0
+    with pytest.raises(ValueError, match="loss_weighting='snr'"):
+        ifl.ImagineFlashConfig(loss_weighting="snr")
+
+
+def test_per_step_diagnostics_and_the_normalized_loss(tiny_assets):
+    """With batch 16 and 3 student steps every step is drawn: the normalized loss is exactly 1
+    (each step's term has mean 1), and the gradient sent into the UNet's output from step j is
+    the uniform loss's divided by step j's mean loss; the logged step losses average to the
+    uniform loss."""
+    from flash_jax.data import shapes
+
+    results = {}
+    for kind in ("uniform", "normalized"):
+        config = if_config.get_config("tiny")
+        with config.unlocked():
+            config.teacher_workdir = str(tiny_assets / "teacher.msgpack")
+            config.autoencoder_workdir = str(tiny_assets / "autoencoder.msgpack")
+            config.imagine_flash.student_steps = [3]
+            config.imagine_flash.adv_weight = 0.0
+            config.imagine_flash.loss_weighting = kind
+        method = ifl.make(config)
+        params, frozen = method.init(jax.random.PRNGKey(0)), method.load_frozen()
+        examples = [shapes.make_example(0, "train", i, 16) for i in range(16)]
+        batch = method.prepare_batch(
+            {
+                "image": np.stack([e["image"] for e in examples]),
+                "caption": [e["caption"] for e in examples],
+            }
+        )
+        loss, aux = jax.jit(method.generator_loss)(params, frozen, batch, jax.random.PRNGKey(3))
+        results[kind] = (float(loss), {k: float(v) for k, v in aux.items()})
+    (uniform, u_aux), (normalized, n_aux) = results["uniform"], results["normalized"]
+    assert normalized == pytest.approx(1.0, rel=1e-5)
+    for j in range(3):
+        assert n_aux[f"srl_step{j}"] == pytest.approx(u_aux[f"srl_step{j}"], rel=1e-6)
+        assert n_aux[f"grad_out_step{j}"] == pytest.approx(
+            u_aux[f"grad_out_step{j}"] / u_aux[f"srl_step{j}"], rel=1e-4
+        )
+    step_losses = [u_aux[f"srl_step{j}"] for j in range(3)]
+    assert min(step_losses) < uniform < max(step_losses)

@@ -56,7 +56,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
             teacher_sampler="ddim",  # "ddim" | "dpmpp_2m"
             guidance_scale=base.sample.guidance_scale,  # teacher CFG inside the solve
             guidance_rescale=0.0,  # teacher CFG rescale φ
-            loss_weighting="uniform",  # "uniform" | "alpha" (c(t) = α_t)
+            # x̂0 loss weight per sample: "uniform" | "alpha" (c(t) = α_t) | "normalized" (1 / the
+            # batch's mean loss at the sample's student step: every step's term has mean 1)
+            loss_weighting="uniform",
             adv_weight=0.1,  # λ_adv; 0 removes the discriminator
             disc_width=64,  # channels of each discriminator head
             disc_t_max=750,  # discriminator re-noising levels t_d ~ U[0, disc_t_max)

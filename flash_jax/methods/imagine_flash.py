@@ -87,6 +87,30 @@ def teacher_timesteps(t_phi: Array, k: int) -> Array:
     return jnp.round(t_phi[None, :] * fractions[:, None]).astype(jnp.int32)
 
 
+LOSS_WEIGHTINGS = ("uniform", "alpha", "normalized")
+
+
+def step_means(values: Array, step: Array, num_steps: int) -> Array:
+    """`(num_steps,)`: the mean of `values` `(B,)` over the samples whose student step index
+    `step` `(B,)` is 0, 1, …; 0 for an index no sample drew."""
+    onehot = jax.nn.one_hot(step, num_steps, dtype=values.dtype)  # (B, num_steps)
+    counts = onehot.sum(0)
+    return (values @ onehot) / jnp.maximum(counts, 1.0)
+
+
+def loss_weights(per_sample: Array, t: Array, step: Array, num_steps: int, kind: str, schedule):
+    """Per-sample weights `(B,)` of the x̂0 loss (under stop-gradient): "uniform" 1; "alpha"
+    α_t (ADD's c(t)); "normalized" 1 / (the batch's mean loss at the sample's student step), so
+    every step's term has mean 1 and the t = T step (whose x̂0 error is ε's error times σ/α)
+    does not take the whole gradient."""
+    if kind == "uniform":
+        return jnp.ones_like(per_sample)
+    if kind == "alpha":
+        return schedule.alpha_sigma(t)[0]
+    means = step_means(jax.lax.stop_gradient(per_sample), step, num_steps)
+    return 1.0 / jnp.maximum(means[step], 1e-12)
+
+
 @dataclasses.dataclass(frozen=True)
 class ImagineFlashConfig:
     """`config.imagine_flash` (configs/shapes/imagine_flash.py documents every field)."""
@@ -114,8 +138,10 @@ class ImagineFlashConfig:
         object.__setattr__(self, "student_steps", tuple(int(n) for n in self.student_steps))
         if not self.student_steps or any(not 1 <= n <= 8 for n in self.student_steps):
             raise ValueError(f"imagine_flash.student_steps={self.student_steps}: need 1..8 steps")
-        if self.loss_weighting not in ("uniform", "alpha"):
-            raise ValueError(f"imagine_flash.loss_weighting={self.loss_weighting!r}")
+        if self.loss_weighting not in LOSS_WEIGHTINGS:
+            raise ValueError(
+                f"imagine_flash.loss_weighting={self.loss_weighting!r}: one of {LOSS_WEIGHTINGS}"
+            )
         if self.srl_noise not in ("fresh", "student"):
             raise ValueError(f"imagine_flash.srl_noise={self.srl_noise!r}: 'fresh' or 'student'")
         if self.teacher_sampler not in ("ddim", "dpmpp_2m"):
@@ -161,6 +187,11 @@ def rollout(
 def student_estimate(model: T2I, unet_params: Any, x_t: Array, t: Array, context: Array) -> Array:
     """x̂0^Θ(x_t, t): the student's clean estimate (gradients flow to `unet_params`)."""
     out = model.apply_unet(unet_params, x_t, t.astype(jnp.float32), context)
+    return estimate_from_output(model, out, x_t, t)
+
+
+def estimate_from_output(model: T2I, out: Array, x_t: Array, t: Array) -> Array:
+    """x̂0 from the UNet's raw output `out` at (x_t, t), per the schedule's prediction type."""
     alpha, sigma = (_bcast(v) for v in model.schedule.alpha_sigma(t))
     return diffusion.predict_x0_eps(out, x_t, alpha, sigma, model.schedule.prediction_type)[0]
 
@@ -225,6 +256,7 @@ def make(config: ml_collections.ConfigDict) -> Method:
     schedule = model.schedule
     empty_tokens = model.tokenizer()([""])[0]
     steps = ifc.student_steps
+    n_max = max(steps)
     plans, ts_table = student_plans(schedule, steps, ifc.rollout_noise_correction)
     sampler = sampling.SamplerConfig(**config.sample.to_dict())
     discriminator = common.LatentDiscriminator(model, ifc.disc_width, ifc.disc_t_max)
@@ -239,7 +271,7 @@ def make(config: ml_collections.ConfigDict) -> Method:
         return common.conditioning(model, frozen["teacher"]["text"], batch, empty_tokens)
 
     def student_input(params, frozen, batch, rng, context):
-        """(x_t, t): per sample a student step count N and a rollout depth i < N, t = s_i."""
+        """(x_t, t, i): per sample a student step count N and a rollout depth i < N, t = s_i."""
         k_T, k_n, k_i, k_lat = jax.random.split(rng, 4)
         b = batch["tokens"].shape[0]
         x_T = jax.random.normal(k_T, model.batch_latent_shape(batch))
@@ -254,21 +286,36 @@ def make(config: ml_collections.ConfigDict) -> Method:
             x0_real = model.batch_latents(frozen["vae"], batch, k_lat)
             alpha, sigma = (_bcast(v) for v in schedule.alpha_sigma(t))
             x_t = diffusion.add_noise(x0_real, x_T, alpha, sigma)
-        return x_t, t
+        return x_t, t, i
+
+    def srl_loss(out, x_t, t, i, x0_teacher):
+        """(weighted loss, per-sample unweighted loss `(B,)`) of the UNet output `out`."""
+        x0_student = estimate_from_output(model, out, x_t, t)
+        per_sample = jnp.mean((x0_teacher - x0_student) ** 2, axis=(1, 2, 3))
+        weights = loss_weights(per_sample, t, i, n_max, ifc.loss_weighting, schedule)
+        return jnp.mean(per_sample * jax.lax.stop_gradient(weights)), per_sample
 
     def generator_loss(params, frozen, batch, rng, disc_params=None):
         k_student, k_srl, k_adv = jax.random.split(rng, 3)
         context, pooled, uncond = conditioning(frozen, batch)
-        x_t, t = student_input(params, frozen, batch, k_student, context)
-        x0_student = student_estimate(model, params["unet"], x_t, t, context)
+        x_t, t, i = student_input(params, frozen, batch, k_student, context)
+        out = model.apply_unet(params["unet"], x_t, t.astype(jnp.float32), context)
+        x0_student = estimate_from_output(model, out, x_t, t)
         x0_teacher, t_phi = srl_target(
             model, ifc, frozen["teacher"]["unet"], x0_student, x_t, t, context, uncond, k_srl
         )
-        per_sample = jnp.mean((x0_teacher - x0_student) ** 2, axis=(1, 2, 3))
-        if ifc.loss_weighting == "alpha":
-            per_sample = per_sample * schedule.alpha_sigma(t)[0]
-        srl = jnp.mean(per_sample)
+        srl, per_sample = srl_loss(out, x_t, t, i, x0_teacher)
+        # Diagnostics per student step: the unweighted loss, and the norm of the gradient the
+        # loss sends into the UNet's output (where each step's share of the update starts).
+        grad_out = jax.grad(lambda o: srl_loss(o, x_t, t, i, x0_teacher)[0])(
+            jax.lax.stop_gradient(out)
+        )
+        grad_sq = jnp.sum(grad_out.reshape(grad_out.shape[0], -1) ** 2, axis=1)
+        step_loss = step_means(jax.lax.stop_gradient(per_sample), i, n_max)
+        step_grad = jnp.sqrt(jax.nn.one_hot(i, n_max, dtype=grad_sq.dtype).T @ grad_sq)
         aux = {"srl": srl, "t_phi": jnp.mean(t_phi.astype(jnp.float32))}
+        for j in range(n_max):
+            aux[f"srl_step{j}"], aux[f"grad_out_step{j}"] = step_loss[j], step_grad[j]
         loss = srl
         if adversarial:
             adv, adv_aux = discriminator.generator_loss(
