@@ -77,6 +77,7 @@ def eval_config(assets: Path, student: Path):
         config.prompt_sets = ("eval",)
         config.reference = "Teacher@1"
         config.teacher_reference = "teacher_a@2"
+        config.claims = {"distillation": "Step distillation", "absent": "No such row"}
         config.runs = [
             dict(teacher, name="teacher_a", seed=0),
             dict(teacher, name="teacher_b", steps=[1], seed=1),
@@ -199,6 +200,12 @@ def test_paired_comparison_against_the_reference_row(evaluated):
     noise = saved["evaluation_noise"]["eval"]
     assert noise["noise_seeds"] >= 0 and noise["real_sets"] >= 0
     assert "Teacher@1" in (out / "comparison.md").read_text()
+    (claim,) = saved["claims"]["eval"]  # the claim whose row was not evaluated is left out
+    assert claim["claim"] == "distillation" and claim["row"] == "Step distillation"
+    for m, cell in claim["metrics"].items():  # the claim reads the compared row's interval
+        row = compared[("Step distillation", 1)]["metrics"][m]
+        assert cell["ci95"] == row["ci95"] and cell["diff"] == row["diff"]
+        assert cell["verdict"] in ("confirmed", "refuted", "not resolved")
 
 
 def test_rerun_skips_done_rows_and_recomputes_missing_ones(evaluated, monkeypatch):

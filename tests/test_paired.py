@@ -115,3 +115,30 @@ def test_mismatched_prompt_counts_are_refused():
     rows = _rows(rng, 0.0, n=40)
     with pytest.raises(ValueError, match="40 prompts, the real set has 80"):
         paired.compare(rows, ("ref", 3), rng.normal(size=(80, 5)), None)
+
+
+def test_claim_verdicts_read_the_direction_of_each_metric():
+    """Removing a component that helps makes FD larger (worse) and alignment lower (worse):
+    both read "confirmed"; the opposite reads "refuted"; an interval over 0 "not resolved"."""
+
+    def entry(label, fd, align, excl=True):
+        cells = {
+            "fd_judge": {"diff": fd, "ci95": [fd - 0.1, fd + 0.1], "excludes_0": excl},
+            "mean": {"diff": align, "ci95": [align - 0.01, align + 0.01], "excludes_0": excl},
+        }
+        return {"label": label, "steps": 3, "seeds": [0, 1, 2, 3, 4], "metrics": cells}
+
+    compared = [
+        entry("w/o A", 0.5, -0.05),
+        entry("w/o B", -0.5, 0.05),
+        entry("w/o C", 0.05, 0, False),
+    ]
+    claims = {"a": "w/o A", "b": "w/o B", "c": "w/o C", "d": "w/o D"}
+    got = {v["claim"]: v for v in paired.claim_verdicts(compared, claims, 3, ("fd_judge", "mean"))}
+    assert set(got) == {"a", "b", "c"}
+    assert {m: c["verdict"] for m, c in got["a"]["metrics"].items()} == {
+        "fd_judge": "confirmed",
+        "mean": "confirmed",
+    }
+    assert {c["verdict"] for c in got["b"]["metrics"].values()} == {"refuted"}
+    assert {c["verdict"] for c in got["c"]["metrics"].values()} == {"not resolved"}

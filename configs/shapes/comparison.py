@@ -195,6 +195,13 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.reference = f"{REFERENCE_LABEL}@3"  # every row's paired interval is against this row
     c.teacher_reference = f"teacher@{TEACHER_STEPS[0]}"  # teacher-relative metrics' images
     c.num_resamples = 1000  # bootstrap resamples of the paired 95 % intervals
+    # The paper's four claims: each component against the row trained (or sampled) without it.
+    c.claims = {
+        "backward distillation": "IF w/o backward distillation",
+        "shifted reconstruction loss": "IF w/o SRL",
+        "discriminator": "IF w/o discriminator",
+        "noise correction": NC_OFF_LABEL,
+    }
     teacher = dict(
         label="Teacher (CFG)",
         name="teacher",

@@ -276,6 +276,7 @@ EVAL_KEYS = {
     "reference": "'label@steps' of the row every other row is compared with ('' for none)",
     "teacher_reference": "'run name@steps' whose images the teacher-relative metrics use",
     "num_resamples": "bootstrap resamples of the paired 95 % intervals",
+    "claims": "{claim: label of the row without that component}, judged against the reference",
 }
 
 
@@ -591,7 +592,7 @@ def paired_comparison(
     comparison.md."""
     reference = _at(config.reference, "reference")
     teacher_run, teacher_steps = _at(config.teacher_reference, "teacher_reference")
-    compared, noise, parts = {}, {}, ["# Paired comparison", ""]
+    compared, noise, verdicts, parts = {}, {}, {}, ["# Paired comparison", ""]
     for name, prompts in prompt_sets.items():
         groups: dict[tuple[str, int], list[dict]] = {}
         for key, r in rows.items():
@@ -620,6 +621,7 @@ def paired_comparison(
             num_resamples=config.num_resamples,
         )
         noise[name] = evaluation_noise(rows, name)
+        verdicts[name] = paired.claim_verdicts(compared[name], dict(config.claims), reference[1])
         parts += [
             f"## Prompt set `{name}`",
             "",
@@ -630,9 +632,15 @@ def paired_comparison(
             "",
             paired.markdown(compared[name], paired.METRICS),
             "",
+            *(
+                f"- {v['claim']} ({v['row']}, {v['seeds']} seeds): "
+                + "; ".join(f"{m} {c['verdict']}" for m, c in v["metrics"].items())
+                for v in verdicts[name]
+            ),
+            "",
         ]
     (out_dir / "comparison.md").write_text("\n".join(parts))
-    return {"compared": compared, "evaluation_noise": noise}
+    return {"compared": compared, "evaluation_noise": noise, "claims": verdicts}
 
 
 SUMMARY_COLUMNS = ("fd_judge", *shapes.CATEGORIES, "mean", "chroma", "contrast", "diversity")

@@ -340,3 +340,32 @@ def markdown(compared: Sequence[Mapping[str, Any]], metric_names: Sequence[str])
         head = [e["label"], str(e["steps"]), str(e["nfe"]), str(len(e["seeds"]))]
         lines.append("| " + " | ".join(head + cells) + " |")
     return "\n".join(lines)
+
+
+def claim_verdicts(
+    compared: Sequence[Mapping[str, Any]],
+    claims: Mapping[str, str],
+    steps: int,
+    metric_names: Sequence[str] = ("fd_judge", "fd_teacher", "mean"),
+) -> list[dict[str, Any]]:
+    """One entry per claim `name -> label of the row without the component` (at `steps`): per
+    metric the row's difference to the reference, its interval and whether the component is
+    "confirmed" (its removal is worse, the interval excludes 0), "refuted" (removal is better)
+    or "not resolved". Claims whose row was not evaluated are left out."""
+    by_label = {(e["label"], e["steps"]): e for e in compared}
+    out = []
+    for name, label in claims.items():
+        entry = by_label.get((label, steps))
+        if entry is None:
+            continue
+        cells = {}
+        for m in metric_names:
+            cell = entry["metrics"].get(m)
+            if cell is None or cell.get("ci95") is None:
+                continue
+            effect = {"worse": "confirmed", "better": "refuted"}.get(
+                verdict(cell, m), "not resolved"
+            )
+            cells[m] = {"diff": cell["diff"], "ci95": cell["ci95"], "verdict": effect}
+        out.append({"claim": name, "row": label, "seeds": len(entry["seeds"]), "metrics": cells})
+    return out
