@@ -169,6 +169,46 @@ def test_srl_with_the_students_own_noise_at_t_phi_equal_t_is_plain_backward_dist
     assert np.abs(target(srl_noise="fresh") - plain).max() > 0.1  # fresh noise: another χ
 
 
+def test_srl_with_the_initial_noise_re_noises_with_x_T(setup):
+    """srl_noise="x_T": χ = α_{t_Φ}·x̂0^Θ + σ_{t_Φ}·x_T, so at a 1-step student's t = T−1 with
+    x̂0^Θ's own noise equal to x_T it is the "student" target; it differs from it elsewhere."""
+    model, params, context, x_T, ifc = setup
+    t = jnp.array([999, 999])
+    a, s = model.schedule.alpha_sigma(t)
+    x0 = ifl.student_estimate(model, params["unet"], x_T, t, context)
+    x_t = a[:, None, None, None] * x0 + s[:, None, None, None] * x_T  # ε̂ = x_T exactly
+
+    def target(noise, state):
+        out, _ = ifl.srl_target(
+            model,
+            dataclasses.replace(ifc, teacher_steps=1, srl_noise=noise),
+            params["unet"],
+            x0,
+            state,
+            t,
+            context,
+            None,
+            jax.random.PRNGKey(3),
+            x_T=x_T,
+        )
+        return np.asarray(out)
+
+    np.testing.assert_allclose(target("x_T", x_t), target("student", x_t), atol=1e-4, rtol=1e-4)
+    assert np.abs(target("x_T", x_t * 0.5) - target("student", x_t * 0.5)).max() > 0.01
+    with pytest.raises(ValueError, match="needs the initial noise"):
+        ifl.srl_target(
+            model,
+            dataclasses.replace(ifc, srl_noise="x_T"),
+            params["unet"],
+            x0,
+            x_t,
+            t,
+            context,
+            None,
+            jax.random.PRNGKey(3),
+        )
+
+
 def test_unknown_srl_noise_is_refused():
     with pytest.raises(ValueError, match=r"imagine_flash\.srl_noise='ddim'"):
         ifl.ImagineFlashConfig(srl_noise="ddim")

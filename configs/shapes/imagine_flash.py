@@ -6,7 +6,7 @@
 Variants (comma-separated): "1", "2", "3" (student steps; default 3), "all" (one student for 1/2/3),
 the paper's ablations "no_nc", "no_disc", "no_backward", "no_srl"; "srl_fresh" (SRL re-noised
 with fresh noise, as in the paper, instead of this testbed's default, the student's own ε̂:
-docs/method.md, "Open points"); "f2" (16x16x4
+docs/method.md, "Open points"); "srl_x_T" (re-noised with the sample's initial noise); "f2" (16x16x4
 latents, for a teacher trained with configs/shapes/teacher.py:f2, e.g. the shipped
 assets/shapes/teacher_f2.msgpack); and "quick" / "tiny".
 """
@@ -23,7 +23,18 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     variants = common.variants(
         arg,
         (
-            *("1", "2", "3", "all", "no_nc", "no_disc", "no_backward", "no_srl", "srl_fresh"),
+            *(
+                "1",
+                "2",
+                "3",
+                "all",
+                "no_nc",
+                "no_disc",
+                "no_backward",
+                "no_srl",
+                "srl_fresh",
+                "srl_x_T",
+            ),
             *("f2", "quick", "tiny"),
         ),
         "configs/shapes/imagine_flash.py",
@@ -48,7 +59,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
             gamma_b=0.0,  # γ offset
             gamma_shift=0.5,  # s of the "sd3" shift
             gamma_jitter=0.0,  # uniform ± jitter of t_Φ in timesteps
-            # re-noising ε': "student" (its own ε̂: χ is deterministic) | "fresh" (the paper's; with
+            # re-noising ε': "student" (its own ε̂: χ is deterministic) | "x_T" (the sample's initial
+            # noise, the paper's equation) | "fresh" (the paper's diagram; with
             # it the target is mostly ε' at large t and the student regresses to the mean;
             # docs/method.md, "Open points")
             srl_noise="student",
@@ -79,6 +91,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.imagine_flash.srl = False
     if "srl_fresh" in variants:
         c.imagine_flash.srl_noise = "fresh"
+    if "srl_x_T" in variants:
+        c.imagine_flash.srl_noise = "x_T"
     if "quick" in variants:
         c.total_steps, c.checkpoint_every, c.sample_every, c.log_every = 200, 200, 200, 10
     if "tiny" in variants:

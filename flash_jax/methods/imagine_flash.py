@@ -88,6 +88,7 @@ def teacher_timesteps(t_phi: Array, k: int) -> Array:
 
 
 LOSS_WEIGHTINGS = ("uniform", "alpha", "normalized")
+SRL_NOISES = ("fresh", "student", "x_T")
 
 
 def step_means(values: Array, step: Array, num_steps: int) -> Array:
@@ -142,8 +143,8 @@ class ImagineFlashConfig:
             raise ValueError(
                 f"imagine_flash.loss_weighting={self.loss_weighting!r}: one of {LOSS_WEIGHTINGS}"
             )
-        if self.srl_noise not in ("fresh", "student"):
-            raise ValueError(f"imagine_flash.srl_noise={self.srl_noise!r}: 'fresh' or 'student'")
+        if self.srl_noise not in SRL_NOISES:
+            raise ValueError(f"imagine_flash.srl_noise={self.srl_noise!r}: one of {SRL_NOISES}")
         if self.teacher_sampler not in ("ddim", "dpmpp_2m"):
             raise ValueError(f"imagine_flash.teacher_sampler={self.teacher_sampler!r}")
         if self.teacher_steps < 1:
@@ -207,10 +208,12 @@ def srl_target(
     uncond: Array,
     rng: Array,
     t_phi: Array | None = None,
+    x_T: Array | None = None,
 ) -> tuple[Array, Array]:
     """(x̂0^Φ, t_Φ): the teacher's k-step CFG solve from χ = α_{t_Φ}·sg(x̂0^Θ) + σ_{t_Φ}·ε' at t_Φ
-    (γ(t) unless given), under stop-gradient; ε' is fresh noise, or with `srl_noise="student"`
-    the student's own ε̂ = (x_t − α_t·x̂0^Θ)/σ_t. Without SRL: from the student's state x_t at t."""
+    (γ(t) unless given), under stop-gradient; ε' is fresh noise, with `srl_noise="student"` the
+    student's own ε̂ = (x_t − α_t·x̂0^Θ)/σ_t, with "x_T" the initial noise `x_T` of the sample
+    (the paper's x_t = α_t·x0 + σ_t·x_T). Without SRL: from the student's state x_t at t."""
     schedule = model.schedule
     T = schedule.num_train_timesteps
     k_eps, k_jit = jax.random.split(rng)
@@ -225,6 +228,10 @@ def srl_target(
         if ifc.srl_noise == "student":
             a_t, s_t = (_bcast(v) for v in schedule.alpha_sigma(t))
             noise = (x_t - a_t * x0_student) / s_t
+        elif ifc.srl_noise == "x_T":
+            if x_T is None:
+                raise ValueError("imagine_flash.srl_noise='x_T' needs the initial noise x_T")
+            noise = x_T
         else:
             noise = jax.random.normal(k_eps, x0_student.shape)
         chi = jax.lax.stop_gradient(diffusion.add_noise(x0_student, noise, a_phi, s_phi))
@@ -271,7 +278,8 @@ def make(config: ml_collections.ConfigDict) -> Method:
         return common.conditioning(model, frozen["teacher"]["text"], batch, empty_tokens)
 
     def student_input(params, frozen, batch, rng, context):
-        """(x_t, t, i): per sample a student step count N and a rollout depth i < N, t = s_i."""
+        """(x_t, t, i, x_T): per sample a student step count N and a rollout depth i < N,
+        t = s_i, from the initial noise x_T."""
         k_T, k_n, k_i, k_lat = jax.random.split(rng, 4)
         b = batch["tokens"].shape[0]
         x_T = jax.random.normal(k_T, model.batch_latent_shape(batch))
@@ -286,7 +294,7 @@ def make(config: ml_collections.ConfigDict) -> Method:
             x0_real = model.batch_latents(frozen["vae"], batch, k_lat)
             alpha, sigma = (_bcast(v) for v in schedule.alpha_sigma(t))
             x_t = diffusion.add_noise(x0_real, x_T, alpha, sigma)
-        return x_t, t, i
+        return x_t, t, i, x_T
 
     def srl_loss(out, x_t, t, i, x0_teacher):
         """(weighted loss, per-sample unweighted loss `(B,)`) of the UNet output `out`."""
@@ -298,11 +306,20 @@ def make(config: ml_collections.ConfigDict) -> Method:
     def generator_loss(params, frozen, batch, rng, disc_params=None):
         k_student, k_srl, k_adv = jax.random.split(rng, 3)
         context, pooled, uncond = conditioning(frozen, batch)
-        x_t, t, i = student_input(params, frozen, batch, k_student, context)
+        x_t, t, i, x_T = student_input(params, frozen, batch, k_student, context)
         out = model.apply_unet(params["unet"], x_t, t.astype(jnp.float32), context)
         x0_student = estimate_from_output(model, out, x_t, t)
         x0_teacher, t_phi = srl_target(
-            model, ifc, frozen["teacher"]["unet"], x0_student, x_t, t, context, uncond, k_srl
+            model,
+            ifc,
+            frozen["teacher"]["unet"],
+            x0_student,
+            x_t,
+            t,
+            context,
+            uncond,
+            k_srl,
+            x_T=x_T,
         )
         srl, per_sample = srl_loss(out, x_t, t, i, x0_teacher)
         # Diagnostics per student step: the unweighted loss, and the norm of the gradient the
