@@ -1,10 +1,12 @@
 """The testbed's Table 1 and ablation table (docs/method.md, "The paper's numbers"): every method
-on the same teacher, with the same budget, at least two training seeds each, evaluated on the
-same prompts and noise.
+on the same teacher, with the same budget, five training seeds each, evaluated on the same
+2000 prompts per prompt set and the same noise, each row's difference to Imagine Flash at 3 steps
+with its paired bootstrap 95 % interval (flash_jax/eval/paired.py), and the paper's four claims
+judged from those intervals (`claims`).
 
 Two functions over ONE list of runs (`RUNS` + the step-distillation chain), with the same
 argument `arg`: comma-separated "tiny" (tiny models, 2 updates: a smoke run of the whole sweep),
-"seeds=N" (training seeds per method, default 2), "assets=DIR" (the frozen teacher.msgpack,
+"seeds=N" (training seeds per method, default 5), "assets=DIR" (the frozen teacher.msgpack,
 autoencoder.msgpack and judge.msgpack; default assets/shapes, the shipped trained testbed models;
 tiny runs need tiny ones), "only=NAME+NAME" (just these runs of RUNS, "sd" for the step
 distillation chain; the teacher is always evaluated). The evaluation keeps the rows already in its
@@ -25,8 +27,10 @@ job per run and seed (job fields `name` = its folder under the sweep's --workdir
 Rows: teacher (CFG) 25 and 3 steps; step distillation 4 (the chain guidance → 16 → 8 → 4, whose
 four runs share one run's budget); ADD 4; LCM 1/2/3 (one student); Imagine Flash 1/2/3 (one
 student per step count); the ablations at 3 steps: w/o noise correction, w/o discriminator,
-w/o backward distillation, w/o SRL; and the paper's SRL re-noising with fresh noise ε', where
-the testbed default re-noises with the student's own ε̂ (a deterministic target).
+w/o backward distillation, w/o SRL; the Imagine Flash 3-step students sampled without noise
+correction (the paper's inference-time ablation, paired run by run); and the paper's SRL
+re-noising with fresh noise ε', where the testbed default re-noises with the student's own ε̂ (a
+deterministic target).
 """
 
 from __future__ import annotations
