@@ -86,7 +86,7 @@ def test_interval_excludes_zero_for_a_shift_far_above_the_noise():
     assert cell["excludes_0"] and cell["ci95"][0] > 15 and cell["diff"] == pytest.approx(20, abs=3)
     assert paired.verdict(cell, "chroma") == "better"  # higher chroma; for FD lower is better
     assert paired.verdict({**cell, "diff": -cell["diff"]}, "fd_judge") == "better"
-    assert out[0]["metrics"]["chroma"]["ci95"] is None  # the reference itself
+    assert out[0]["metrics"]["chroma"]["ci95"] == [0.0, 0.0] and out[0]["reference"]
     assert out[1]["paired_by_seed"]
 
 

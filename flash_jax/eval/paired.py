@@ -240,8 +240,8 @@ def compare(
     `reference` row `(label, steps)`, and its paired bootstrap 95 % interval.
 
     Returns one dict per row: `{"label", "steps", "nfe", "seeds", "metrics": {m: {"seeds": [...],
-    "mean", "diff", "ci95": [low, high], "excludes_0"}}}`. The reference row's own diff is 0 with
-    an empty interval (`ci95` None). A row whose seeds equal the reference's is paired by seed;
+    "mean", "diff", "ci95": [low, high], "excludes_0"}}, "reference": bool}`. The reference row's
+    own difference is identically 0: its interval is [0, 0]. A row whose seeds equal the reference's is paired by seed;
     otherwise seeds are drawn independently (the teacher, one run, against students).
     """
     by_key = {(r.label, r.steps): r for r in rows}
@@ -286,6 +286,7 @@ def compare(
         )
         entry = {"label": r.label, "steps": r.steps, "nfe": r.nfe, "seeds": list(r.seeds)}
         entry["paired_by_seed"] = bool(paired)
+        entry["reference"] = (r.label, r.steps) == reference
         entry["metrics"] = {}
         for m, (seed_values, boot) in values[(r.label, r.steps)].items():
             cell = {"seeds": [float(v) for v in seed_values], "mean": float(np.mean(seed_values))}
@@ -293,7 +294,7 @@ def compare(
                 ref_seed_values, ref_boot = ref_values[m]
                 cell["diff"] = cell["mean"] - float(np.mean(ref_seed_values))
                 if (r.label, r.steps) == reference:
-                    cell["ci95"], cell["excludes_0"] = None, False
+                    cell["ci95"], cell["excludes_0"] = [0.0, 0.0], False
                 else:
                     b = np.arange(num_resamples)[:, None]
                     mine = boot.T[b, draw].mean(1)  # (B,)
@@ -331,7 +332,7 @@ def markdown(compared: Sequence[Mapping[str, Any]], metric_names: Sequence[str])
             c = e["metrics"].get(m)
             if c is None:
                 cells.append("")
-            elif c.get("ci95") is None:
+            elif e["reference"] or c.get("ci95") is None:
                 cells.append(fmt(c["mean"]))
             else:
                 lo, hi = c["ci95"]
@@ -356,7 +357,7 @@ def claim_verdicts(
     out = []
     for name, label in claims.items():
         entry = by_label.get((label, steps))
-        if entry is None:
+        if entry is None or entry.get("reference"):
             continue
         cells = {}
         for m in metric_names:
