@@ -120,9 +120,9 @@ def _weighted_moments(x: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndar
     x = np.asarray(x, np.float64)
     total = w.sum(1, keepdims=True)
     mu = (w @ x) / total
-    second = np.concatenate(
-        [np.swapaxes(w[i : i + 64, :, None] * x, 1, 2) @ x for i in range(0, len(w), 64)]
-    )
+    f = x.shape[1]
+    outer = (x[:, :, None] * x[:, None, :]).reshape(len(x), f * f)  # (N, F·F): one GEMM for all B
+    second = (w @ outer).reshape(len(w), f, f)
     cov = (second - total[:, :, None] * mu[:, :, None] * mu[:, None, :]) / (total[:, :, None] - 1)
     return mu, cov
 
