@@ -8,6 +8,7 @@ import shutil
 import pytest
 
 from flash_jax import demo
+from flash_jax.config import ConfigError
 
 
 @pytest.mark.slow
@@ -38,7 +39,7 @@ def test_demo_pipeline_on_tiny_models(tmp_path, tiny_assets):
 
 
 def test_a_bad_override_fails_before_anything_trains(tmp_path):
-    with pytest.raises(KeyError, match=r"imagine_flash\.nope"):
+    with pytest.raises(ConfigError, match=r"imagine_flash\.nope"):
         demo.run_demo(
             tmp_path, 2, 4, variant="tiny", assets=None, overrides=["imagine_flash.nope=1"]
         )

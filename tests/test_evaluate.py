@@ -18,6 +18,7 @@ import pytest
 
 from configs.shapes import comparison
 from configs.shapes import teacher as teacher_config
+from flash_jax.config import ConfigError
 from flash_jax.eval import evaluate, metrics
 from flash_jax.train import checkpoint
 from flash_jax.train.state import init_state
@@ -236,7 +237,7 @@ def test_eval_config_errors_name_the_problem(tiny_assets, tmp_path):
     config = eval_config(tiny_assets, tmp_path / "unused.msgpack")
     with config.unlocked():
         config.runs = [dict(config.runs[0], name="x", overrides={"sample.no_such_key": 1})]
-    with pytest.raises(KeyError, match=r"sample\.no_such_key"):
+    with pytest.raises(ConfigError, match=r"sample\.no_such_key"):
         evaluate.run_evaluation(config, tmp_path)
     with config.unlocked():
         config.runs = [dict(label="A", name="x", workdir="nowhere", steps=[1])]
