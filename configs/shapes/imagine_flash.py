@@ -6,7 +6,8 @@
 Variants (comma-separated): "1", "2", "3" (student steps; default 3), "all" (one student for 1/2/3),
 the paper's ablations "no_nc", "no_disc", "no_backward", "no_srl"; "srl_fresh" (SRL re-noised
 with fresh noise, as in the paper, instead of this testbed's default, the student's own ε̂:
-docs/method.md, "Open points"); "srl_x_T" (re-noised with the sample's initial noise); "f2" (16x16x4
+docs/method.md, "Open points"); "srl_x_T" (re-noised with the sample's initial noise); "w_alpha",
+"w_normalized" (the x̂0 loss weighted by α_t, or normalized per student step); "f2" (16x16x4
 latents, for a teacher trained with configs/shapes/teacher.py:f2, e.g. the shipped
 assets/shapes/teacher_f2.msgpack); and "quick" / "tiny".
 """
@@ -34,6 +35,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                 "no_srl",
                 "srl_fresh",
                 "srl_x_T",
+                "w_alpha",
+                "w_normalized",
             ),
             *("f2", "quick", "tiny"),
         ),
@@ -93,6 +96,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.imagine_flash.srl_noise = "fresh"
     if "srl_x_T" in variants:
         c.imagine_flash.srl_noise = "x_T"
+    for weighting in ("alpha", "normalized"):
+        if f"w_{weighting}" in variants:
+            c.imagine_flash.loss_weighting = weighting
     if "quick" in variants:
         c.total_steps, c.checkpoint_every, c.sample_every, c.log_every = 200, 200, 200, 10
     if "tiny" in variants:
