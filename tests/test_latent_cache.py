@@ -16,7 +16,7 @@ from PIL import Image
 
 from configs.sd import sd15_imagine_flash
 from flash_jax import pipeline
-from flash_jax.data import cache, captions, sources
+from flash_jax.data import cache, captions, datasets, sources
 from flash_jax.train import loop
 from tests import tiny_sd
 
@@ -143,7 +143,7 @@ def latent_cache(sd_config, tmp_path_factory):
 def test_cache_holds_the_encodings_in_source_order(sd_config, image_tfds, latent_cache):
     model = pipeline.T2I.from_config(sd_config)
     frozen = model.load_pretrained(("text", "vae"))
-    stored = sources.tfds_source(latent_cache, "train", cache.BUILDER_NAME)
+    stored = datasets.tfds_source(latent_cache, "train", cache.BUILDER_NAME)
     records = [stored[i] for i in range(len(stored))]
     assert [int(r["index"]) for r in records] == list(range(6))
     assert [r["caption"].decode() for r in records] == CAPTIONS[:6]

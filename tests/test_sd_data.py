@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flash_jax.data import captions, sources
+from flash_jax.data import captions, datasets
 
 CAPTIONS = ["a red cat", "a blue dog", "the dog on a red mat", "photo of a cat", "a cat"]
 
@@ -27,7 +27,7 @@ def write_images(folder: Path, n: int, seed: int = 0) -> list[str]:
 
 
 def read_split(prepared: Path, split: str) -> list[tuple[bytes, str]]:
-    source = sources.tfds_source(prepared, split, captions.BUILDER_NAME)
+    source = datasets.tfds_source(prepared, split, captions.BUILDER_NAME)
     return [
         (bytes(r["image"]), r["caption"].decode()) for r in (source[i] for i in range(len(source)))
     ]

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
+from flash_jax.data import datasets, sources
 from flash_jax.data import shapes as S
-from flash_jax.data import sources
 
 N = 300  # records per split for the statistical checks
 
@@ -255,7 +255,9 @@ def tfds_dir(tmp_path_factory):
 
 
 def test_tfds_round_trip(tfds_dir):
-    src = sources.tfds_source(tfds_dir.parent.parent.parent, "train")  # root with one dataset
+    src = datasets.tfds_source(
+        tfds_dir.parent.parent.parent, "train", sources.ShapesBuilder.name
+    )  # root with one dataset
     assert len(src) == 24
     for i in (0, 5, 23):
         got = sources._normalise(src[i])
@@ -263,7 +265,7 @@ def test_tfds_round_trip(tfds_dir):
         assert got.keys() == ref.keys()
         for k in ref:
             np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(ref[k]), err_msg=k)
-    assert len(sources.tfds_source(tfds_dir, "heldout")) == 6
+    assert len(datasets.tfds_source(tfds_dir, "heldout", sources.ShapesBuilder.name)) == 6
     # The disk pipeline and the on-the-fly one yield identical batches.
     kw = dict(split="train", batch_size=5, seed=3, num_records=24)
     _assert_batches_equal(
@@ -307,6 +309,6 @@ def test_shards_partition_records_and_epochs_reshuffle():
         num_epochs=1,
     )  # fmt: skip
     assert np.concatenate([b["index"] for b in unshuffled]).tolist() == list(range(10, 20))
-    assert sources.shard_bounds(31, 2, 3, drop_remainder=False) == (21, 31)
+    assert datasets.shard_bounds(31, 2, 3, drop_remainder=False) == (21, 31)
     with pytest.raises(ValueError, match="shard_index"):
-        sources.shard_bounds(31, 3, 3)
+        datasets.shard_bounds(31, 3, 3)

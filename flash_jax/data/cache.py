@@ -36,7 +36,6 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-import grain
 import jax
 import ml_collections
 import numpy as np
@@ -47,9 +46,9 @@ from ml_collections import config_flags
 from tqdm import tqdm
 
 from flash_jax import pipeline
-from flash_jax.data import sources
+from flash_jax.data import cache_reader, sources
 
-BUILDER_NAME = "flash_jax_latent_cache"
+BUILDER_NAME = cache_reader.BUILDER_NAME
 FLOAT_KEYS = ("latent_mean", "latent_std", "prompt_embeds", "pooled_prompt_embeds")
 DTYPES = ("float16", "float32")
 
@@ -203,13 +202,6 @@ def native_image_size(model: pipeline.T2I) -> int:
     return model.unet.sample_size * model.autoencoder.downsample_factor
 
 
-def stored_image_size(data_dir: str | os.PathLike) -> int | None:
-    """The image size a prepared cache was written at (None: not recorded)."""
-    prepared = sources.find_prepared(data_dir, BUILDER_NAME)
-    info = tfds.builder_from_directory(os.fspath(prepared)).info
-    return info.metadata.get("image_size") if info.metadata else None
-
-
 def resolve_image_size(config: ml_collections.ConfigDict) -> None:
     """Fills in `config.data.image_size = 0` (in place): the cache's when `config.data` reads a
     cache, else the model's native size (`native_image_size`). A set size is left as is."""
@@ -218,7 +210,7 @@ def resolve_image_size(config: ml_collections.ConfigDict) -> None:
     if config.data.source == "cache":
         if not config.data.data_dir:
             raise ValueError("config.data.source='cache' needs config.data.data_dir")
-        config.data.image_size = stored_image_size(config.data.data_dir)
+        config.data.image_size = cache_reader.stored_image_size(config.data.data_dir)
     else:
         config.data.image_size = native_image_size(pipeline.T2I.from_config(config))
 
@@ -319,42 +311,6 @@ def write_cache(
     )
     builder.download_and_prepare()
     return Path(builder.data_dir)
-
-
-# ------------------------------------------------------------------------------ reading
-
-
-def _cache_example(example: dict[str, Any]) -> dict[str, Any]:
-    caption = example["caption"]
-    out = {k: np.asarray(v) for k, v in example.items() if k != "caption"}
-    out["caption"] = caption.decode() if isinstance(caption, bytes) else str(caption)
-    return out
-
-
-def make_cache_dataset(
-    data_dir: str | os.PathLike,
-    split: str,
-    batch_size: int,
-    seed: int,
-    image_size: int,
-    **kwargs: Any,
-) -> grain.IterDataset:
-    """Batches of a cache split for this host's shard: the stored arrays with a leading batch
-    axis (floats as stored), `caption <U (B,)`, `index int64 (B,)`. `kwargs` as in
-    `sources.make_pipeline`.
-
-    Raises:
-      ValueError: the cache was written for another image size than `image_size`
-        (config.data.image_size).
-    """
-    cached_size = stored_image_size(data_dir)
-    if cached_size != image_size:
-        raise ValueError(
-            f"the cache at {data_dir} holds {cached_size}px images, but "
-            f"config.data.image_size={image_size} (0: take the cache's, cache.resolve_image_size)"
-        )
-    source = sources.tfds_source(data_dir, split, BUILDER_NAME)
-    return sources.make_pipeline(source, batch_size, seed, _cache_example, **kwargs)
 
 
 # ------------------------------------------------------------------------------ command line

@@ -18,7 +18,7 @@ caption and its record number, with a fingerprint of the listing (`listing_finge
 again after the listing, a caption or an image changed rebuilds the dataset.
 
 `make_caption_dataset` reads a split through the same Grain pipeline as the Shapes data
-(`sources.make_pipeline`): per-host shard, shuffle, repeat, then per record decode -> RGB ->
+(`datasets.make_pipeline`): per-host shard, shuffle, repeat, then per record decode -> RGB ->
 resize the shorter side to `image_size` (bicubic) -> centre crop, and batch. Batches have the
 Shapes layout that every method reads: `image uint8 (B, S, S, 3)`, `caption <U (B,)`,
 `index int64 (B,)`.
@@ -44,7 +44,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 from PIL import Image
 
-from flash_jax.data import sources
+from flash_jax.data import datasets
 
 BUILDER_NAME = "flash_jax_image_captions"
 METADATA = "metadata.jsonl"  # Hugging Face imagefolder's listing
@@ -281,7 +281,7 @@ def make_caption_dataset(
     **kwargs: Any,
 ) -> grain.IterDataset:
     """Batches of a prepared image–caption split (layout in the module docstring), for this host's
-    shard; `kwargs` as in `sources.make_pipeline` (shard_index, shuffle, num_epochs, ...)."""
-    source = sources.tfds_source(data_dir, split, BUILDER_NAME)
+    shard; `kwargs` as in `datasets.make_pipeline` (shard_index, shuffle, num_epochs, ...)."""
+    source = datasets.tfds_source(data_dir, split, BUILDER_NAME)
     transform = functools.partial(_decode_example, image_size=image_size)
-    return sources.make_pipeline(source, batch_size, seed, transform=transform, **kwargs)
+    return datasets.make_pipeline(source, batch_size, seed, transform=transform, **kwargs)

@@ -1,4 +1,6 @@
-"""Shapes data on disk (a tensorflow-datasets builder) and the Grain input pipeline that reads it.
+"""The data sources training reads, and `make_dataset`, the dispatcher over them: the Shapes
+testbed (rendered on the fly or from a tensorflow-datasets builder written here), image–caption
+datasets (flash_jax/data/captions.py) and latent caches (flash_jax/data/cache_reader.py).
 
 Two sources give identical examples (`shapes.make_example` layout, `caption` as `str`):
 
@@ -6,7 +8,7 @@ Two sources give identical examples (`shapes.make_example` layout, `caption` as 
 - a TFDS `array_record` dataset written by `build_shapes_tfds` (no TensorFlow needed) and read
   through `as_data_source()` — for long runs where rendering would cost more than reading.
 
-`make_shapes_dataset` builds the Grain pipeline over either one: per-host shard (contiguous,
+`make_shapes_dataset` builds the Grain pipeline (`datasets.make_pipeline`) over either one: per-host shard (contiguous,
 equal-sized blocks of record indices) -> global shuffle (reshuffled every epoch) -> repeat ->
 batch. The order is a pure function of (seed, shard, records); iterators are resumable through
 `get_state()` / `set_state()` (and `grain.checkpoint.CheckpointSave/Restore` for Orbax).
@@ -30,7 +32,7 @@ import grain
 import numpy as np
 import tensorflow_datasets as tfds
 
-from flash_jax.data import shapes
+from flash_jax.data import cache_reader, captions, datasets, shapes
 
 # Label features: name -> (shape, dtype). `image` and `caption` are added separately.
 LABEL_FEATURES: dict[str, tuple[tuple[int, ...], Any]] = {
@@ -181,22 +183,6 @@ def build_shapes_tfds(
     return Path(builder.data_dir)
 
 
-def find_prepared(data_dir: str | os.PathLike, builder_name: str = ShapesBuilder.name) -> Path:
-    """The prepared TFDS dataset directory (the one holding `dataset_info.json`): `data_dir`
-    itself, or the only `builder_name` dataset under it."""
-    root = Path(data_dir)
-    if (root / "dataset_info.json").exists():
-        return root
-    found = sorted(p.parent for p in root.glob(f"**/{builder_name}/**/dataset_info.json"))
-    if len(found) != 1:
-        what = f"no prepared {builder_name}" if not found else f"{len(found)} prepared datasets"
-        listing = "".join(f"\n  {p}" for p in found)
-        raise FileNotFoundError(
-            f"{what} under {root}; pass the directory its build function returned{listing}"
-        )
-    return found[0]
-
-
 def source_fingerprint(config: Any) -> str:
     """SHA-256 naming the records `config` (a `config.data`) reads: the generator's settings for
     Shapes rendered on the fly, else the prepared dataset's `dataset_info.json` (split sizes and
@@ -204,28 +190,15 @@ def source_fingerprint(config: Any) -> str:
     if config.source == "shapes" and not config.data_dir:
         settings = {"shapes": config.seed, "image_size": config.image_size}
         return hashlib.sha256(json.dumps(settings).encode()).hexdigest()
-    from flash_jax.data import cache, captions
-
     names = {"shapes": ShapesBuilder.name, "captions": captions.BUILDER_NAME}
-    prepared = find_prepared(config.data_dir, names.get(config.source, cache.BUILDER_NAME))
+    prepared = datasets.find_prepared(
+        config.data_dir, names.get(config.source, cache_reader.BUILDER_NAME)
+    )
     digest = hashlib.sha256()
     for name in ("dataset_info.json", "metadata.json"):
         if (prepared / name).is_file():
             digest.update((prepared / name).read_bytes())
     return digest.hexdigest()
-
-
-def tfds_source(data_dir: str | os.PathLike, split: str, builder_name: str = ShapesBuilder.name):
-    """Random-access source over a prepared split (`array_record`, no TensorFlow).
-
-    `data_dir` is the directory `build_shapes_tfds` (or another builder's build function)
-    returned, or a root holding exactly one `builder_name` dataset. Elements come out as stored
-    (text as bytes); the pipelines normalise them.
-    """
-    builder = tfds.builder_from_directory(os.fspath(find_prepared(data_dir, builder_name)))
-    if split not in builder.info.splits:
-        raise ValueError(f"split {split!r} not in {sorted(builder.info.splits)} at {data_dir}")
-    return builder.as_data_source(split)
 
 
 def _normalise(example: dict[str, Any]) -> dict[str, Any]:
@@ -236,76 +209,6 @@ def _normalise(example: dict[str, Any]) -> dict[str, Any]:
     out["caption"] = caption.decode() if isinstance(caption, bytes) else str(caption)
     out["image"] = np.asarray(example["image"], np.uint8)
     return out
-
-
-# ------------------------------------------------------------------------------ pipeline
-
-
-def host_shard() -> tuple[int, int]:
-    """`(jax.process_index(), jax.process_count())`: this host's shard of the records."""
-    import jax  # the data module does not otherwise need jax
-
-    return jax.process_index(), jax.process_count()
-
-
-def shard_bounds(
-    num_records: int, shard_index: int, shard_count: int, drop_remainder: bool = True
-) -> tuple[int, int]:
-    """`[start, stop)` of a shard: contiguous blocks; equal sizes if `drop_remainder`."""
-    if not 0 <= shard_index < shard_count:
-        raise ValueError(f"shard_index {shard_index} not in [0, shard_count={shard_count})")
-    if drop_remainder:
-        per = num_records // shard_count
-        if per == 0:
-            raise ValueError(f"{num_records} records cannot feed {shard_count} shards")
-        return shard_index * per, (shard_index + 1) * per
-    per, extra = divmod(num_records, shard_count)
-    start = shard_index * per + min(shard_index, extra)
-    return start, start + per + (shard_index < extra)
-
-
-def make_pipeline(
-    source: Any,
-    batch_size: int,
-    seed: int,
-    transform: Any,
-    *,
-    shard_index: int | None = None,
-    shard_count: int | None = None,
-    num_records: int | None = None,
-    shuffle: bool = True,
-    num_epochs: int | None = None,
-    drop_remainder: bool = True,
-    worker_count: int = 0,
-    read_threads: int = 2,
-) -> grain.IterDataset:
-    """The Grain pipeline over any random-access `source`: this shard's contiguous block of
-    records -> global shuffle (reshuffled every epoch) -> repeat -> `transform` per record ->
-    batch. Arguments as in `make_shapes_dataset` (`num_records`: use only the first ones);
-    `transform` must be picklable for `worker_count > 0` (a module-level function or a
-    `functools.partial` of one)."""
-    if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    if shard_index is None or shard_count is None:
-        shard_index, shard_count = host_shard()
-    if num_records is not None and num_records > len(source):
-        raise ValueError(f"asked for {num_records} records, the source has {len(source)}")
-    total = len(source) if num_records is None else num_records
-    start, stop = shard_bounds(total, shard_index, shard_count, drop_remainder)
-    if drop_remainder and stop - start < batch_size:
-        raise ValueError(f"shard of {stop - start} records is smaller than batch_size {batch_size}")
-    ds = grain.MapDataset.source(source)[start:stop]
-    if shuffle:
-        ds = ds.shuffle(seed=seed)
-    ds = ds.repeat(num_epochs).map(transform)
-    if worker_count > 0:
-        # Workers read interleaved slices of the element stream: batching after them keeps the
-        # batches identical to the single-process ones.
-        ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
-        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
-        return ds.batch(batch_size, drop_remainder=drop_remainder)
-    read = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=2 * batch_size)
-    return ds.to_iter_dataset(read).batch(batch_size, drop_remainder=drop_remainder)
 
 
 def make_shapes_dataset(
@@ -328,11 +231,11 @@ def make_shapes_dataset(
     """The Grain pipeline of Shapes batches for this shard. `iter()` it for a resumable iterator.
 
     Args:
-      data_dir: a prepared TFDS directory (see `tfds_source`), or None to render on the fly.
+      data_dir: a prepared TFDS directory (see `datasets.tfds_source`), or None to render on the fly.
       split: "train", "eval" or "heldout".
       batch_size: examples per batch on THIS shard (per host).
       seed: shuffle seed; each epoch is reshuffled deterministically from it.
-      shard_index, shard_count: this host's shard; None for `host_shard()` (jax processes).
+      shard_index, shard_count: this host's shard; None for `datasets.host_shard()` (jax processes).
       num_records: on the fly: records in the split (default `DEFAULT_NUM_RECORDS[split]`); on disk:
         optionally use only the first `num_records` stored ones.
       image_size, data_seed: on the fly only; the generator's image size and seed.
@@ -351,8 +254,8 @@ def make_shapes_dataset(
         source = ShapesSource(split, n, seed=data_seed, image_size=image_size)
         num_records = None
     else:
-        source = tfds_source(data_dir, split)
-    return make_pipeline(
+        source = datasets.tfds_source(data_dir, split, ShapesBuilder.name)
+    return datasets.make_pipeline(
         source,
         batch_size,
         seed,
@@ -383,7 +286,7 @@ def make_dataset(
     shard_count: int | None = None,
 ) -> grain.IterDataset:
     """The pipeline `config.data` describes (keys: source, data_dir, num_records, image_size,
-    seed, shuffle_seed), for this host's shard (`host_shard()` unless given).
+    seed, shuffle_seed), for this host's shard (`datasets.host_shard()` unless given).
 
     Sources: "shapes" (the testbed, rendered or from `data_dir`), "captions" (an image–caption
     TFDS dataset, flash_jax/data/captions.py), "cache" (latents + text embeddings written by
@@ -411,15 +314,11 @@ def make_dataset(
     if not config.data_dir:
         raise ValueError(f"config.data.source={config.source!r} needs config.data.data_dir")
     if config.source == "captions":
-        from flash_jax.data import captions
-
         return captions.make_caption_dataset(
             config.data_dir, split, batch_size, config.shuffle_seed, config.image_size, **kw
         )
     if config.source == "cache":
-        from flash_jax.data import cache
-
-        return cache.make_cache_dataset(
+        return cache_reader.make_cache_dataset(
             config.data_dir, split, batch_size, config.shuffle_seed, config.image_size, **kw
         )
     raise ValueError(f"config.data.source={config.source!r} is not one of {SOURCES}")

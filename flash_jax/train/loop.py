@@ -70,7 +70,7 @@ def make_data(
     shard_count: int | None = None,
 ):
     """The per-host Grain iterator for `config.data` (see `sources.make_dataset`); the shard
-    defaults to this process's (`sources.host_shard`)."""
+    defaults to this process's (`datasets.host_shard`)."""
     from flash_jax.data import sources  # grain + TFDS: only the data path needs them
 
     return iter(
