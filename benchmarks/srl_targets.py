@@ -32,9 +32,10 @@ import numpy as np
 from benchmarks import common
 from flash_jax import config as flash_config
 from flash_jax.eval import evaluate
+from flash_jax.frozen import load_autoencoder
 from flash_jax.methods import common as method_common
 from flash_jax.methods import imagine_flash
-from flash_jax.pipeline import T2I, load_autoencoder
+from flash_jax.pipeline import T2I
 from flash_jax.train import checkpoint
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "shapes"

@@ -35,7 +35,7 @@ from absl import logging as absl_logging
 from PIL import Image
 
 from flash_jax import config as flash_config
-from flash_jax import export, parallel, pipeline, sampling
+from flash_jax import export, frozen, parallel, sampling
 from flash_jax.data import cache as data_cache
 from flash_jax.eval import evaluate
 from flash_jax.pipeline import T2I
@@ -104,10 +104,10 @@ def sample(config, workdir: str) -> Path:
     model = T2I.from_config(config)
     params = checkpoint.load_params(workdir)
     if config.method == "imagine_flash":
-        teacher_text = pipeline.load_teacher(config, model, parts=("text",))["text"]
+        teacher_text = frozen.load_teacher(config, model, parts=("text",))["text"]
         params = {"unet": params["unet"], "text": teacher_text}
     model.check(params, workdir)
-    vae = pipeline.load_autoencoder(config, model)
+    vae = frozen.load_autoencoder(config, model)
     sampler = sampling.SamplerConfig(
         num_steps=_STEPS.value, guidance_scale=_GUIDANCE.value, noise_correction=_NC.value
     )

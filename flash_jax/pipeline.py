@@ -18,8 +18,8 @@ space; `prompt_embeds` `(B, L, D)`, `pooled_prompt_embeds` `(B, P)`; plus `token
 latents and conditioning through `batch_latents` / `conditioning`, which use the cache when it is
 there and encode otherwise: that is the only place the two cases differ.
 
-Weights come from the testbed's checkpoints (`config.teacher_workdir`, `config.autoencoder_workdir`)
-or, when `config.model.pretrained` names a diffusers pipeline folder (`unet/`, `vae/`,
+Frozen weights come from the testbed's checkpoints (`config.teacher_workdir`,
+`config.autoencoder_workdir`; loaded by flash_jax/frozen.py) or, when `config.model.pretrained` names a diffusers pipeline folder (`unet/`, `vae/`,
 `text_encoder/`, `tokenizer/`, and for SDXL `text_encoder_2/`, `tokenizer_2/`), from that folder,
 whose `config.json` files must describe exactly the architecture in `config.model`.
 """
@@ -38,7 +38,6 @@ import numpy as np
 from flash_jax import diffusion, sampling, weights
 from flash_jax.data.tokenizer import WordTokenizer
 from flash_jax.models import autoencoder, text, unet
-from flash_jax.train import checkpoint
 
 if TYPE_CHECKING:  # ml_collections is only a type here: GPU boxes without it can import this
     import ml_collections
@@ -480,36 +479,3 @@ def prepare_batch(
     if model is not None:
         check_cached(out, model)
     return out
-
-
-def load_teacher(
-    config: ml_collections.ConfigDict, model: T2I, parts: Sequence[str] = ("unet", "text")
-) -> dict[str, Any]:
-    """The frozen teacher's `{part: params}`: from `config.model.pretrained` if set, else from the
-    testbed run in `config.teacher_workdir` (checked against `model`)."""
-    if model.pretrained:
-        return model.load_pretrained(parts)
-    if not config.get("teacher_workdir"):
-        raise ValueError(
-            "set config.model.pretrained (a diffusers folder) or config.teacher_workdir"
-        )
-    params = checkpoint.load_params(config.teacher_workdir)
-    params = {k: v for k, v in params.items() if k in parts}
-    return model.check(params, f"teacher {config.teacher_workdir}")
-
-
-def load_autoencoder(config: ml_collections.ConfigDict, model: T2I) -> Any:
-    """The frozen VAE's params: `config.model.pretrained`/vae if set, else the testbed run in
-    `config.autoencoder_workdir`."""
-    if model.pretrained:
-        return model.load_pretrained(("vae",))["vae"]
-    if not config.get("autoencoder_workdir"):
-        raise ValueError(
-            "set config.model.pretrained (a diffusers folder) or config.autoencoder_workdir"
-        )
-    params = checkpoint.load_params(config.autoencoder_workdir)
-    what = f"autoencoder {config.autoencoder_workdir} (for config.model.autoencoder)"
-    weights.check_params_match(
-        params, weights.model_abstract("autoencoder", model.autoencoder), what
-    )
-    return params

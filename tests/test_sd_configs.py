@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from configs.sd import common, sd15_imagine_flash, sd21_imagine_flash, sdxl_imagine_flash
-from flash_jax import pipeline
+from flash_jax import frozen, pipeline
 from flash_jax.data import cache
 from flash_jax.methods.imagine_flash import ImagineFlashConfig
 from flash_jax.models import autoencoder, text, unet
@@ -124,7 +124,7 @@ def test_configs_parse_and_validate(name, variant):
     else:
         assert config.mesh.data == -1 and config.batch_size == 64
     with pytest.raises(ValueError, match=r"model\.pretrained.*teacher_workdir"):
-        pipeline.load_teacher(config, model)
+        frozen.load_teacher(config, model)
 
 
 def test_attention_implementation_reaches_the_unet_and_is_checked():

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from configs.shapes import teacher
-from flash_jax import diffusion, pipeline, weights
+from flash_jax import diffusion, frozen, weights
 from flash_jax.eval import judge
 from flash_jax.methods import common as method_common
 from flash_jax.models import autoencoder
@@ -57,7 +57,7 @@ def _config(latents: str, asset: str):
 def test_shipped_autoencoder_fits_its_config(latents):
     config = _config(latents, SHIPPED[latents])
     model = T2I.from_config(config)
-    params = pipeline.load_autoencoder(config, model)  # raises on any mismatched tensor
+    params = frozen.load_autoencoder(config, model)  # raises on any mismatched tensor
     images, _ = judge.real_examples("train", 128, config.data.seed, config.data.image_size)
     x = jnp.asarray(images, jnp.float32) / 127.5 - 1.0
     latents_ = jax.jit(autoencoder.images_to_latents, static_argnums=1)(
@@ -77,7 +77,7 @@ def test_shipped_autoencoder_fits_its_config(latents):
 def test_autoencoder_of_another_latent_space_is_refused(latents, asset, problem):
     config = _config(latents, asset)
     with pytest.raises(weights.WeightsError, match=rf"{asset}[\s\S]*{problem} \S*down_blocks"):
-        pipeline.load_autoencoder(config, T2I.from_config(config))
+        frozen.load_autoencoder(config, T2I.from_config(config))
 
 
 def _epsilon_errors(latents: str) -> dict[str, float]:
@@ -87,7 +87,7 @@ def _epsilon_errors(latents: str) -> dict[str, float]:
     config = _config(latents, SHIPPED[latents])
     model = T2I.from_config(config)
     images, labels = judge.real_examples("train", 64, config.data.seed, config.data.image_size)
-    x0 = model.to_latents(pipeline.load_autoencoder(config, model), jnp.asarray(images))
+    x0 = model.to_latents(frozen.load_autoencoder(config, model), jnp.asarray(images))
     t = jnp.linspace(50, 950, 64).astype(jnp.int32)
     alpha, sigma = method_common.alpha_sigma(model.schedule, t)
     noise = jax.random.normal(jax.random.key(0), x0.shape)

@@ -45,7 +45,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from flash_jax import pipeline
+from flash_jax import frozen, pipeline
 from flash_jax.data import cache_reader, sources
 
 BUILDER_NAME = cache_reader.BUILDER_NAME
@@ -270,8 +270,8 @@ def write_cache(
             )
         return prepared
     shapes = feature_shapes(model, image_size, text)
-    vae = pipeline.load_autoencoder(config, model)
-    text_params = pipeline.load_teacher(config, model, parts=("text",))["text"] if text else None
+    vae = frozen.load_autoencoder(config, model)
+    text_params = frozen.load_teacher(config, model, parts=("text",))["text"] if text else None
     mesh = Mesh(np.asarray(devices), ("data",))
     encode = make_encoder(model, text, mesh)
     tokenizer = model.tokenizer()

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flash_jax import diffusion, pipeline, sampling, weights
+from flash_jax import diffusion, frozen, pipeline, sampling, weights
 from flash_jax.methods import Method
 from flash_jax.models import discriminator as disc_lib
 from flash_jax.models import layers, unet
@@ -43,10 +43,10 @@ def frozen_loaders(
     config: ml_collections.ConfigDict, model: T2I
 ) -> tuple[Callable[[], dict[str, Any]], Callable[[], dict[str, Any]]]:
     """`(load_teacher, load_frozen)`: the frozen teacher `{"unet", "text"}` and
-    `{"teacher": ..., "vae": ...}` (`pipeline.load_teacher` / `load_autoencoder`), memoised: a
+    `{"teacher": ..., "vae": ...}` (`frozen.load_teacher` / `load_autoencoder`), memoised: a
     method's init, discriminator init and load_frozen all need the teacher (GBs at SD scale)."""
-    load_teacher = functools.cache(lambda: pipeline.load_teacher(config, model))
-    load_vae = functools.cache(lambda: pipeline.load_autoencoder(config, model))
+    load_teacher = functools.cache(lambda: frozen.load_teacher(config, model))
+    load_vae = functools.cache(lambda: frozen.load_autoencoder(config, model))
 
     def load_frozen() -> dict[str, Any]:
         return {"teacher": load_teacher(), "vae": load_vae()}

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from flash_jax import diffusion, pipeline, sampling
+from flash_jax import diffusion, frozen, pipeline, sampling
 from flash_jax.methods import Method, common
 from flash_jax.pipeline import T2I
 
@@ -47,7 +47,7 @@ def make(config: ml_collections.ConfigDict) -> Method:
     prepare_batch = functools.partial(pipeline.prepare_batch, tokenizer=tokenizer, model=model)
 
     def load_frozen() -> dict[str, Any]:
-        return {"vae": pipeline.load_autoencoder(config, model)}
+        return {"vae": frozen.load_autoencoder(config, model)}
 
     def generator_loss(params, frozen, batch, rng, disc_params=None):
         del disc_params

@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flash_jax import diffusion, pipeline, sampling
+from flash_jax import diffusion, frozen, pipeline, sampling
 from flash_jax.methods import Method, common
 from flash_jax.pipeline import T2I
 from flash_jax.train import checkpoint
@@ -167,9 +167,9 @@ def make(config: ml_collections.ConfigDict) -> Method:
     def load_frozen() -> dict[str, Any]:
         if not progressive:
             return load_teacher_and_vae()
-        text = pipeline.load_teacher(config, model, parts=("text",))["text"]
+        text = frozen.load_teacher(config, model, parts=("text",))["text"]
         teacher = {"unet": load_previous_student(), "text": text}
-        return {"teacher": teacher, "vae": pipeline.load_autoencoder(config, model)}
+        return {"teacher": teacher, "vae": frozen.load_autoencoder(config, model)}
 
     def init(rng: Array) -> dict[str, Any]:
         del rng  # the guidance stage starts from the teacher, a halving from the previous stage
