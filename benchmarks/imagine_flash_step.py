@@ -204,7 +204,11 @@ def parts(model, ifc, method, tx, disc_tx, config, state, teacher, frozen, batch
             (scans["rollout"],),
         ),
         "student fwd+bwd": (
-            jax.grad(lambda p: jnp.mean(ifl.student_estimate(model, p, x_T, t, context) ** 2)),
+            jax.grad(
+                lambda p: jnp.mean(
+                    methods_common.predict_x0(model, model.apply_unet, p, x_T, t, context)[0] ** 2
+                )
+            ),
             (student,),
             (),
         ),

@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
         x_t = imagine_flash.rollout(
             model, student, x_T, plans, which, depth, context, ifc.rollout_noise_correction
         )
-        x0 = imagine_flash.student_estimate(model, student, x_t, t, context)
+        x0 = method_common.predict_x0(model, model.apply_unet, student, x_t, t, context)[0]
         srl, t_phi = imagine_flash.srl_target(
             model, ifc, teacher["unet"], x0, x_t, t, context, uncond, rng
         )

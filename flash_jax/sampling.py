@@ -172,20 +172,21 @@ def guided_output(
     t: jnp.ndarray,
     cond: Any,
     uncond: Any,
-    scale: float,
+    scale: float | jnp.ndarray,
     rescale: float = 0.0,
 ) -> jnp.ndarray:
-    """One model evaluation with CFG: a single call on the batch `[uncond; cond]` when `scale != 1`.
+    """One model evaluation with CFG: a single call on the batch `[uncond; cond]` unless `scale`
+    is the number 1.
 
     `cond` / `uncond` are pytrees of arrays with leading batch dimension B (e.g. text embeddings
-    `(B, L, D)`); `t` is `(B,)`.
+    `(B, L, D)`); `t` is `(B,)`; `scale` a number or per-sample `(B,)`.
     """
-    if scale == 1.0 or uncond is None:
+    if uncond is None or (isinstance(scale, int | float) and scale == 1.0):
         return apply_fn(params, x, t, cond)
     both = jax.tree.map(lambda u, c: jnp.concatenate([u, c]), uncond, cond)
     out = apply_fn(params, jnp.concatenate([x, x]), jnp.concatenate([t, t]), both)
     out_u, out_c = jnp.split(out, 2)
-    return classifier_free_guidance(out_u, out_c, scale, rescale)
+    return classifier_free_guidance(out_u, out_c, _per_sample(scale, x), rescale)
 
 
 def _per_sample(value: jnp.ndarray, x: jnp.ndarray) -> jnp.ndarray:

@@ -9,6 +9,7 @@ import pytest
 
 from configs.shapes import imagine_flash as if_config
 from flash_jax import diffusion, sampling
+from flash_jax.methods import common
 from flash_jax.methods import imagine_flash as ifl
 from flash_jax.models import discriminator as disc_lib
 from flash_jax.pipeline import T2I
@@ -96,7 +97,7 @@ def test_no_gradient_flows_into_rollout_or_teacher(setup):
 
     # ...while the student's own estimate does carry gradient to its parameters.
     def through_student(unet):
-        return jnp.sum(ifl.student_estimate(model, unet, x_T, t, context) ** 2)
+        return jnp.sum(common.predict_x0(model, model.apply_unet, unet, x_T, t, context)[0] ** 2)
 
     g_student = jax.grad(through_student)(params["unet"])
     assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(g_student)) > 0.0
@@ -147,7 +148,7 @@ def test_srl_with_the_students_own_noise_at_t_phi_equal_t_is_plain_backward_dist
     model, params, context, x_T, ifc = setup
     t = jnp.array([999, 666])
     x_t = x_T * 0.9
-    x0_student = ifl.student_estimate(model, params["unet"], x_t, t, context)
+    x0_student = common.predict_x0(model, model.apply_unet, params["unet"], x_t, t, context)[0]
 
     def target(**changes):
         out, _ = ifl.srl_target(
@@ -175,7 +176,7 @@ def test_srl_with_the_initial_noise_re_noises_with_x_T(setup):
     model, params, context, x_T, ifc = setup
     t = jnp.array([999, 999])
     a, s = model.schedule.alpha_sigma(t)
-    x0 = ifl.student_estimate(model, params["unet"], x_T, t, context)
+    x0 = common.predict_x0(model, model.apply_unet, params["unet"], x_T, t, context)[0]
     x_t = a[:, None, None, None] * x0 + s[:, None, None, None] * x_T  # ε̂ = x_T exactly
 
     def target(noise, state):

@@ -86,8 +86,7 @@ def distillation_loss(
         uncond,
         guidance_scale,
     )
-    x0_teacher = diffusion.predict_x0_eps(out, noisy, alpha, sigma, model.schedule.prediction_type)
-    x0_teacher = jax.lax.stop_gradient(x0_teacher[0])
+    x0_teacher = jax.lax.stop_gradient(common.x0_eps_from_output(model, out, noisy, t)[0])
     per_sample = alpha.reshape(-1) * jnp.mean((x0_student - x0_teacher) ** 2, axis=(1, 2, 3))
     return jnp.mean(per_sample), per_sample
 
@@ -101,9 +100,8 @@ def make(config: ml_collections.ConfigDict) -> Method:
     student_ts = jnp.asarray(diffusion.timesteps_for(T, addc.student_steps, "trailing"))
     sampler = sampling.SamplerConfig(**config.sample.to_dict())
     discriminator = common.LatentDiscriminator(
-        model, addc.disc_width, addc.disc_t_max, addc.r1_weight
+        model, addc.disc_width, addc.disc_t_max, addc.r1_weight, addc.adv_weight
     )
-    adversarial = addc.adv_weight > 0
 
     load_teacher, load_frozen = common.frozen_loaders(config, model)
 
@@ -135,20 +133,21 @@ def make(config: ml_collections.ConfigDict) -> Method:
             uncond,
             addc.guidance_scale,
         )
-        loss = addc.distill_weight * distill
-        aux = {"distill": distill}
-        if adversarial:
-            adv, adv_aux = discriminator.generator_loss(
-                disc_params, teacher_unet, x0_student, context, pooled, k_adv
-            )
-            loss = loss + addc.adv_weight * adv
-            aux |= adv_aux
-        return loss, aux
+        return discriminator.add_generator_term(
+            addc.distill_weight * distill,
+            {"distill": distill},
+            disc_params,
+            teacher_unet,
+            x0_student,
+            context,
+            pooled,
+            k_adv,
+        )
 
     return common.student_method(
         model,
         sampler,
-        discriminator if adversarial else None,
+        discriminator,
         config.data.image_size,
         init=init,
         load_frozen=load_frozen,

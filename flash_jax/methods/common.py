@@ -2,8 +2,8 @@
 
 - `frozen_loaders`, `conditioning`: the frozen teacher and VAE, and a batch's prompt embeddings
   (cached ones when the batch carries them, `pipeline.T2I.conditioning`) with the empty prompt's.
-- `alpha_sigma`, `predict_x0`: a network's clean estimate at integer timesteps;
-  `guided_teacher_output`: the teacher's CFG output with a per-sample scale.
+- `alpha_sigma`, `x0_eps_from_output`, `predict_x0`: a network's clean estimate at integer
+  timesteps.
 - `LatentDiscriminator`: the LADD-style discriminator over the frozen teacher UNet's features
   (docs/method.md, "Adversarial term"), shared by Imagine Flash and ADD: logits, abstract
   initialisation, hinge losses with an optional R1 penalty; `discriminator_fns`, the Method entries built on it.
@@ -81,21 +81,14 @@ def predict_x0(
 ) -> tuple[Array, Array]:
     """`(x̂0, ε̂)` of `apply_fn(unet_params, x_t, t, cond)` at integer timesteps `t` `(B,)`."""
     out = apply_fn(unet_params, x_t, t.astype(jnp.float32), cond)
+    return x0_eps_from_output(model, out, x_t, t)
+
+
+def x0_eps_from_output(model: T2I, out: Array, x_t: Array, t: Array) -> tuple[Array, Array]:
+    """`(x̂0, ε̂)` from a network's raw output `out` at latents `x_t` `(B, h, w, c)` and integer
+    timesteps `t` `(B,)`, per the schedule's prediction type."""
     alpha, sigma = alpha_sigma(model.schedule, t)
     return diffusion.predict_x0_eps(out, x_t, alpha, sigma, model.schedule.prediction_type)
-
-
-def guided_teacher_output(
-    model: T2I, teacher_unet: Any, x: Array, t: Array, context: Any, uncond: Any, scale: Array
-) -> Array:
-    """The teacher's CFG output `u + s·(c − u)` at latents `x` `(B, h, w, c)`, integer timesteps
-    `t` `(B,)`, with a per-sample scale `scale` `(B,)`: one UNet call on `[uncond; cond]`."""
-    both = jax.tree.map(lambda u, c: jnp.concatenate([u, c]), uncond, context)
-    out = model.apply_unet(
-        teacher_unet, jnp.concatenate([x, x]), jnp.concatenate([t, t]).astype(jnp.float32), both
-    )
-    out_uncond, out_cond = jnp.split(out, 2)
-    return sampling.classifier_free_guidance(out_uncond, out_cond, scale.reshape(-1, 1, 1, 1))
 
 
 # ------------------------------------------------------------------------ latent discriminator
@@ -106,12 +99,18 @@ class LatentDiscriminator:
     """Trainable heads (models/discriminator.py) over the frozen teacher UNet's down/mid features
     of a clean latent re-noised to a random level `t_d ~ U[0, t_max)`; conditioned on t_d and the
     pooled prompt. Hinge loss; `r1_weight > 0` adds `r1_weight·E‖∇_x D(x_real)‖²` (the gradient
-    with respect to the real latents, through the frozen features)."""
+    with respect to the real latents, through the frozen features). `weight` is λ_adv, the
+    generator term's weight in the student's loss (0: no adversarial term, no discriminator)."""
 
     model: T2I
     width: int = 64
     t_max: int = 750
     r1_weight: float = 0.0
+    weight: float = 0.0
+
+    @property
+    def active(self) -> bool:
+        return self.weight > 0
 
     @property
     def heads(self) -> disc_lib.Discriminator:
@@ -172,6 +171,24 @@ class LatentDiscriminator:
         logits = self.logits(disc_params, teacher_unet, x0, context, pooled, rng)
         adv = disc_lib.hinge_generator_loss(logits)
         return adv, {"adv": adv, "fake": x0}
+
+    def add_generator_term(
+        self,
+        loss: Array,
+        aux: dict[str, Array],
+        disc_params: Any,
+        teacher_unet: Any,
+        x0: Array,
+        context: Array,
+        pooled: Array,
+        rng: Array,
+    ) -> tuple[Array, dict[str, Array]]:
+        """`(loss + weight·generator term, aux | its entries)` of a student's loss; unchanged
+        when the discriminator is not `active`."""
+        if not self.active:
+            return loss, aux
+        adv, adv_aux = self.generator_loss(disc_params, teacher_unet, x0, context, pooled, rng)
+        return loss + self.weight * adv, aux | adv_aux
 
     def loss(
         self,
@@ -299,7 +316,7 @@ def grid_sample(model: T2I, generate: Callable[..., Array], num_steps: int) -> C
 def student_method(
     model: T2I,
     sampler: sampling.SamplerConfig,
-    discriminator: LatentDiscriminator | None,
+    discriminator: LatentDiscriminator,
     image_size: int,
     *,
     init: Callable[[Array], Any],
@@ -307,13 +324,13 @@ def student_method(
     generator_loss: Callable[..., tuple[Array, dict[str, Array]]],
 ) -> Method:
     """The Method of a UNet student of the frozen teacher sampled with `sampler`
-    (`student_generate`, `grid_sample`), with `discriminator_fns` when `discriminator` is given
-    (None: no adversarial term)."""
+    (`student_generate`, `grid_sample`), with `discriminator_fns` when `discriminator` is
+    active."""
     tokenizer = model.tokenizer()
     empty_tokens = tokenizer([""])[0]
     init_discriminator, discriminator_loss = (
         discriminator_fns(model, discriminator, image_size, empty_tokens)
-        if discriminator is not None
+        if discriminator.active
         else (None, None)
     )
     generate = student_generate(model, sampler, empty_tokens)

@@ -151,10 +151,6 @@ class ImagineFlashConfig:
             raise ValueError(f"imagine_flash.teacher_steps={self.teacher_steps} must be >= 1")
 
 
-def _bcast(v: Array) -> Array:
-    return v.reshape((*v.shape, 1, 1, 1))
-
-
 def rollout(
     model: T2I,
     unet_params: Any,
@@ -185,18 +181,6 @@ def rollout(
     return jax.lax.stop_gradient(x_t)
 
 
-def student_estimate(model: T2I, unet_params: Any, x_t: Array, t: Array, context: Array) -> Array:
-    """x̂0^Θ(x_t, t): the student's clean estimate (gradients flow to `unet_params`)."""
-    out = model.apply_unet(unet_params, x_t, t.astype(jnp.float32), context)
-    return estimate_from_output(model, out, x_t, t)
-
-
-def estimate_from_output(model: T2I, out: Array, x_t: Array, t: Array) -> Array:
-    """x̂0 from the UNet's raw output `out` at (x_t, t), per the schedule's prediction type."""
-    alpha, sigma = (_bcast(v) for v in model.schedule.alpha_sigma(t))
-    return diffusion.predict_x0_eps(out, x_t, alpha, sigma, model.schedule.prediction_type)[0]
-
-
 def srl_target(
     model: T2I,
     ifc: ImagineFlashConfig,
@@ -224,9 +208,9 @@ def srl_target(
             if ifc.gamma_jitter > 0:
                 t_phi += ifc.gamma_jitter * jax.random.uniform(k_jit, (b,), minval=-1, maxval=1)
             t_phi = jnp.clip(jnp.round(t_phi), 1, T - 1).astype(jnp.int32)
-        a_phi, s_phi = (_bcast(v) for v in schedule.alpha_sigma(t_phi))
+        a_phi, s_phi = common.alpha_sigma(schedule, t_phi)
         if ifc.srl_noise == "student":
-            a_t, s_t = (_bcast(v) for v in schedule.alpha_sigma(t))
+            a_t, s_t = common.alpha_sigma(schedule, t)
             noise = (x_t - a_t * x0_student) / s_t
         elif ifc.srl_noise == "x_T":
             if x_T is None:
@@ -266,8 +250,9 @@ def make(config: ml_collections.ConfigDict) -> Method:
     n_max = max(steps)
     plans, ts_table = student_plans(schedule, steps, ifc.rollout_noise_correction)
     sampler = sampling.SamplerConfig(**config.sample.to_dict())
-    discriminator = common.LatentDiscriminator(model, ifc.disc_width, ifc.disc_t_max)
-    adversarial = ifc.adv_weight > 0
+    discriminator = common.LatentDiscriminator(
+        model, ifc.disc_width, ifc.disc_t_max, weight=ifc.adv_weight
+    )
     load_teacher, load_frozen = common.frozen_loaders(config, model)
 
     def init(rng: Array) -> dict[str, Any]:
@@ -292,13 +277,13 @@ def make(config: ml_collections.ConfigDict) -> Method:
             )
         else:
             x0_real = model.batch_latents(frozen["vae"], batch, k_lat)
-            alpha, sigma = (_bcast(v) for v in schedule.alpha_sigma(t))
+            alpha, sigma = common.alpha_sigma(schedule, t)
             x_t = diffusion.add_noise(x0_real, x_T, alpha, sigma)
         return x_t, t, i, x_T
 
     def srl_loss(out, x_t, t, i, x0_teacher):
         """(weighted loss, per-sample unweighted loss `(B,)`) of the UNet output `out`."""
-        x0_student = estimate_from_output(model, out, x_t, t)
+        x0_student = common.x0_eps_from_output(model, out, x_t, t)[0]
         per_sample = jnp.mean((x0_teacher - x0_student) ** 2, axis=(1, 2, 3))
         weights = loss_weights(per_sample, t, i, n_max, ifc.loss_weighting, schedule)
         return jnp.mean(per_sample * jax.lax.stop_gradient(weights)), per_sample
@@ -308,7 +293,7 @@ def make(config: ml_collections.ConfigDict) -> Method:
         context, pooled, uncond = conditioning(frozen, batch)
         x_t, t, i, x_T = student_input(params, frozen, batch, k_student, context)
         out = model.apply_unet(params["unet"], x_t, t.astype(jnp.float32), context)
-        x0_student = estimate_from_output(model, out, x_t, t)
+        x0_student = common.x0_eps_from_output(model, out, x_t, t)[0]
         x0_teacher, t_phi = srl_target(
             model,
             ifc,
@@ -333,19 +318,15 @@ def make(config: ml_collections.ConfigDict) -> Method:
         aux = {"srl": srl, "t_phi": jnp.mean(t_phi.astype(jnp.float32))}
         for j in range(n_max):
             aux[f"srl_step{j}"], aux[f"grad_out_step{j}"] = step_loss[j], step_grad[j]
-        loss = srl
-        if adversarial:
-            adv, adv_aux = discriminator.generator_loss(
-                disc_params, frozen["teacher"]["unet"], x0_student, context, pooled, k_adv
-            )
-            loss = loss + ifc.adv_weight * adv
-            aux |= adv_aux
-        return loss, aux
+        teacher_unet = frozen["teacher"]["unet"]
+        return discriminator.add_generator_term(
+            srl, aux, disc_params, teacher_unet, x0_student, context, pooled, k_adv
+        )
 
     return common.student_method(
         model,
         sampler,
-        discriminator if adversarial else None,
+        discriminator,
         config.data.image_size,
         init=init,
         load_frozen=load_frozen,

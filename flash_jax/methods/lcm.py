@@ -121,9 +121,10 @@ def teacher_solver_step(
 ) -> Array:
     """One deterministic DDIM step t → t_prev `(B,)` of the frozen teacher with per-sample CFG
     scale `scale` `(B,)`: `α_{t'}·x̂0 + σ_{t'}·ε̂` of the guided output (not differentiated)."""
-    guided = common.guided_teacher_output(model, teacher_unet, z, t, context, uncond, scale)
-    alpha, sigma = common.alpha_sigma(model.schedule, t)
-    x0, eps = diffusion.predict_x0_eps(guided, z, alpha, sigma, model.schedule.prediction_type)
+    guided = sampling.guided_output(
+        model.apply_unet, teacher_unet, z, t.astype(jnp.float32), context, uncond, scale
+    )
+    x0, eps = common.x0_eps_from_output(model, guided, z, t)
     alpha_prev, sigma_prev = common.alpha_sigma(model.schedule, t_prev)
     return jax.lax.stop_gradient(sampling.ddim_update(x0, eps, alpha_prev, sigma_prev))
 

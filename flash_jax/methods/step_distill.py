@@ -196,12 +196,10 @@ def make(config: ml_collections.ConfigDict) -> Method:
         """x̃ of the stage: the guided teacher's estimate, or the two-step target."""
         teacher_unet = frozen["teacher"]["unet"]
         if not progressive:
-            guided = common.guided_teacher_output(
-                model, teacher_unet, z_t, t, context, uncond, scale
+            guided = sampling.guided_output(
+                model.apply_unet, teacher_unet, z_t, t.astype(jnp.float32), context, uncond, scale
             )
-            alpha, sigma = common.alpha_sigma(schedule, t)
-            x0 = diffusion.predict_x0_eps(guided, z_t, alpha, sigma, schedule.prediction_type)[0]
-            return jax.lax.stop_gradient(x0)
+            return jax.lax.stop_gradient(common.x0_eps_from_output(model, guided, z_t, t)[0])
         cond = {"context": context, "w": scale - 1.0}
         z_next = teacher_two_steps(
             student_model, student_apply, teacher_unet, z_t, t, t_mid, t_next, cond
