@@ -31,7 +31,7 @@ import numpy as np
 
 from benchmarks import common
 from flash_jax import config as flash_config
-from flash_jax.eval import evaluate
+from flash_jax.eval import evaluate, judge
 from flash_jax.frozen import load_autoencoder
 from flash_jax.methods import common as method_common
 from flash_jax.methods import imagine_flash
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     teacher = checkpoint.load_params(args.teacher)
     student = checkpoint.load_params(args.student)["unet"] if args.student else teacher["unet"]
     vae = load_autoencoder(config, model)
-    judge_params, judge_config = evaluate.load_judge(ASSETS / "judge.msgpack")
+    judge_params, judge_config = judge.load_judge(ASSETS / "judge.msgpack")
     size = config.data.image_size
     prompts = evaluate.load_prompt_set("eval", args.num_images, 0, size, judge_params, judge_config)
     tokens = jnp.asarray(model.tokenizer()(prompts.captions))

@@ -110,7 +110,7 @@ def epoch_indices(n: int, batch_size: int, seed: int):
 def make_scorer(model: T2I, vae: Any, num_images: int, image_size: int):
     """`(params, sampler) -> (metrics row, images)` on the first `num_images` eval prompts, and
     the real images with their row (the ceiling) and captions."""
-    judge_params, judge_config = evaluate.load_judge(ASSETS / "judge.msgpack")
+    judge_params, judge_config = judge.load_judge(ASSETS / "judge.msgpack")
     real, labels = judge.real_examples("eval", num_images, 0, image_size)
     captions = [str(c) for c in labels["caption"]]
     tokens = model.tokenizer()(captions)

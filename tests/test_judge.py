@@ -360,8 +360,8 @@ def test_tiny_judge_trains_with_the_generic_trainer(tmp_path, tiny):
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, config.total_steps + 1))
     assert all(np.isfinite(r["loss"]) and r["loss_object"] > 0 for r in rows)
-    params, loaded_cfg, run_config = J.load_judge(tmp_path)
-    assert loaded_cfg == jcfg and run_config["method"] == "judge"
+    params, loaded_cfg = J.load_judge(tmp_path)
+    assert loaded_cfg == jcfg
     images, labels = J.real_examples("heldout", 6, image_size=16)
     report = judge_method.evaluate_judge(params, images, labels, loaded_cfg)
     for k in J.TABLE_COLUMNS:

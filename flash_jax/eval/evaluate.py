@@ -63,18 +63,9 @@ class Entry:
     sampler: sampling.SamplerConfig
 
 
-def nfe(sampler: sampling.SamplerConfig) -> int:
-    """Network evaluations per image."""
-    return sampler.num_steps * (2 if sampler.guidance_scale != 1.0 else 1)
-
-
-def load_judge(path: str | Path) -> tuple[Any, judge.JudgeConfig]:
-    """The judge's params and config from a run directory or a shipped `.msgpack` (assets/)."""
-    if Path(path).suffix == ".msgpack":
-        params = checkpoint.load_params(path)
-        return params, judge.config_from_params(params)
-    params, config, _ = judge.load_judge(path)
-    return params, config
+def nfe(num_steps: int, guidance_scale: float) -> int:
+    """Network evaluations per image: 2 per step with CFG."""
+    return num_steps * (2 if guidance_scale != 1.0 else 1)
 
 
 def initial_noise(seed: int, start: int, count: int, latent_shape: Sequence[int]) -> jax.Array:
@@ -189,7 +180,7 @@ def evaluate(
     image_size: int = 32,
 ) -> tuple[dict[str, dict[str, float]], dict[str, np.ndarray], list[str]]:
     """`(rows, images, captions)`: a metrics row and the generated images per entry (plus "real")."""
-    judge_params, judge_config = load_judge(judge_workdir)
+    judge_params, judge_config = judge.load_judge(judge_workdir)
     real, labels = judge.real_examples(split, num_images, data_seed, image_size)
     captions = [str(c) for c in labels["caption"]]
     tokens = model.tokenizer()(captions)
@@ -208,7 +199,7 @@ def evaluate(
             seed,
         )
         rows[entry.name] = score(gen, labels, judge_params, judge_config, real_features)
-        rows[entry.name]["nfe"] = nfe(entry.sampler)
+        rows[entry.name]["nfe"] = nfe(entry.sampler.num_steps, entry.sampler.guidance_scale)
         images[entry.name] = gen
     return rows, images, captions
 
@@ -374,7 +365,7 @@ class Generator:
     def nfe(self, steps: int) -> int:
         """Network calls per image: 2 per step when the run's sampler uses CFG (a teacher)."""
         sample = self.config.get("sample")
-        return steps * (2 if sample is not None and sample.get("guidance_scale", 1.0) != 1 else 1)
+        return nfe(steps, sample.get("guidance_scale", 1.0) if sample is not None else 1.0)
 
     def images(
         self, captions: Sequence[str], steps: int, seed: int = 0, batch_size: int = 50
@@ -495,7 +486,7 @@ def run_evaluation(config: ml_collections.ConfigDict, workdir: str | Path) -> di
     results_path = out_dir / "results.json"
     rows = json.loads(results_path.read_text())["rows"] if results_path.is_file() else {}
 
-    judge_params, judge_config = load_judge(_resolve(config.judge, root, "eval config judge"))
+    judge_params, judge_config = judge.load_judge(_resolve(config.judge, root, "eval config judge"))
     prompt_sets = {
         name: load_prompt_set(
             name, config.num_images, config.data_seed, config.image_size, judge_params, judge_config

@@ -65,6 +65,7 @@ import numpy as np
 
 from flash_jax.data import shapes
 from flash_jax.models import layers
+from flash_jax.train import checkpoint
 
 Array = jax.Array
 Dtype = Any
@@ -536,14 +537,15 @@ def evaluate_judge(
     return result
 
 
-def load_judge(workdir: str | Path) -> tuple[Any, JudgeConfig, dict[str, Any]]:
-    """`(params, config, run_config)` of the judge trained in `workdir` (EMA params of the newest
-    checkpoint; `run_config` is the run's `config.json` as a dict)."""
-    from flash_jax.train import checkpoint
-
-    run_config = json.loads((Path(workdir) / "config.json").read_text())
-    config = JudgeConfig.from_dict(run_config["model"]["judge"])
-    return checkpoint.load_params(workdir), config, run_config
+def load_judge(path: str | Path) -> tuple[Any, JudgeConfig]:
+    """`(params, config)` of a judge: a run directory it was trained in (EMA params of the newest
+    checkpoint, the config from its `config.json`) or a shipped `.msgpack` (assets/; the config
+    read off the params, `config_from_params`)."""
+    params = checkpoint.load_params(path)
+    if Path(path).suffix == ".msgpack":
+        return params, config_from_params(params)
+    run_config = json.loads((Path(path) / "config.json").read_text())
+    return params, JudgeConfig.from_dict(run_config["model"]["judge"])
 
 
 def real_examples(
@@ -566,7 +568,6 @@ def _reconstruct(
     noise of std latent_noise · std(posterior means) is added before decoding (fixed seed): the
     error of a diffusion model that samples unit-variance latents to that accuracy."""
     from flash_jax.models import autoencoder
-    from flash_jax.train import checkpoint
 
     cfg = json.loads((Path(autoencoder_workdir) / "config.json").read_text())
     ae = autoencoder.AutoencoderConfig.from_diffusers(cfg["model"]["autoencoder"])
@@ -615,7 +616,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     from flash_jax.eval import metrics
 
-    params, config, run_config = load_judge(args.workdir)
+    params, config = load_judge(args.workdir)
+    run_config = json.loads((Path(args.workdir) / "config.json").read_text())
     seed, size = run_config["data"]["seed"], run_config["data"]["image_size"]
     rows: dict[str, dict[str, float]] = {}
     for split in filter(None, args.splits.split(",")):
