@@ -9,7 +9,7 @@ names that hold at least `config.fsdp_min_size` elements have their largest dime
 by the `fsdp` axis sharded over it; everything else is replicated. Activations carry the same
 logical names (`nn.with_logical_constraint`), which `with_rules` turns into sharding constraints.
 
-Config (defaults in configs/shapes/common.py `training()`):
+Config (defaults in configs/run.py `training()`):
   mesh.{data, fsdp, tensor}: sizes inside one slice / node (ICI); one of them may be -1 (the rest).
   mesh.dcn_{data, fsdp, tensor}: sizes across TPU slices (multislice, DCN); one may be -1. With
     one slice (every GPU cluster, a single pod slice) they multiply to 1 and the ICI sizes cover

@@ -15,14 +15,14 @@ import pytest
 from jax.sharding import AbstractMesh, AxisType
 from jax.sharding import PartitionSpec as P
 
-from configs.shapes import common
+from configs import run
 from configs.shapes import imagine_flash as if_config
 from flash_jax import parallel
 from flash_jax.pipeline import T2I
 from flash_jax.train import checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
-RULES = parallel.rules_from_config(common.SHARDING_RULES, parallel.make_mesh(common.mesh()))
+RULES = parallel.rules_from_config(run.SHARDING_RULES, parallel.make_mesh(run.mesh()))
 
 
 def abstract_mesh(data, fsdp, tensor):
@@ -30,16 +30,16 @@ def abstract_mesh(data, fsdp, tensor):
 
 
 def test_mesh_sizes_fill_and_refuse():
-    config = common.mesh(data=-1, fsdp=4, tensor=2)
+    config = run.mesh(data=-1, fsdp=4, tensor=2)
     assert parallel.mesh_sizes(config, 16) == ((2, 4, 2), (1, 1, 1))
     with pytest.raises(ValueError, match=r"mesh.fsdp=4 × mesh.tensor=2 = 8 does not divide the 12"):
         parallel.mesh_sizes(config, 12)
     with pytest.raises(ValueError, match=r"only one of mesh.data, mesh.fsdp may be -1"):
-        parallel.mesh_sizes(common.mesh(data=-1, fsdp=-1), 8)
+        parallel.mesh_sizes(run.mesh(data=-1, fsdp=-1), 8)
     with pytest.raises(ValueError, match=r"= 4, but there are 8 devices"):
-        parallel.mesh_sizes(common.mesh(data=2, fsdp=2), 8)
+        parallel.mesh_sizes(run.mesh(data=2, fsdp=2), 8)
     # Multislice: per-slice sizes fill each slice, the DCN -1 fills the slice count.
-    assert parallel.mesh_sizes(common.mesh(fsdp=2), 16, num_slices=4) == ((2, 2, 1), (4, 1, 1))
+    assert parallel.mesh_sizes(run.mesh(fsdp=2), 16, num_slices=4) == ((2, 2, 1), (4, 1, 1))
 
 
 class FakeDevice:
@@ -50,7 +50,7 @@ class FakeDevice:
 
 def test_multislice_grid_puts_slices_outermost_on_data():
     devices = [FakeDevice(i, i // 4) for i in range(8)]  # 2 slices of 4
-    grid = parallel.device_grid(common.mesh(fsdp=2), devices)
+    grid = parallel.device_grid(run.mesh(fsdp=2), devices)
     assert grid.shape == (4, 2, 1)
     slices = np.vectorize(lambda d: d.slice_index)(grid)
     np.testing.assert_array_equal(slices[:, :, 0], [[0, 0], [0, 0], [1, 1], [1, 1]])
@@ -129,7 +129,7 @@ def test_boxed_leaves_keep_their_box():
 
 
 def test_rules_name_the_bad_entry():
-    mesh = parallel.make_mesh(common.mesh())
+    mesh = parallel.make_mesh(run.mesh())
     with pytest.raises(ValueError, match=r"sharding_rules\[1\].*\['model'\] are not in"):
         parallel.rules_from_config((("batch", "data"), ("embed", "model")), mesh)
     with pytest.raises(ValueError, match=r"sharding_rules\[0\].*need \(logical name, mesh axes\)"):
@@ -138,14 +138,14 @@ def test_rules_name_the_bad_entry():
 
 def test_conv_in_loses_batch_axes_only_with_tensor_parallelism():
     """The XLA workaround: conv kernels keep input channels over fsdp unless tensor > 1."""
-    assert dict(parallel.rules_from_config(common.SHARDING_RULES, abstract_mesh(2, 4, 1)))[
+    assert dict(parallel.rules_from_config(run.SHARDING_RULES, abstract_mesh(2, 4, 1)))[
         "conv_in"
     ] == ("fsdp",)
-    rules = parallel.rules_from_config(common.SHARDING_RULES, abstract_mesh(2, 2, 2))
+    rules = parallel.rules_from_config(run.SHARDING_RULES, abstract_mesh(2, 2, 2))
     assert "conv_in" not in dict(rules)
     assert [r for r in rules] == [
         r
-        for r in parallel.rules_from_config(common.SHARDING_RULES, abstract_mesh(2, 4, 1))
+        for r in parallel.rules_from_config(run.SHARDING_RULES, abstract_mesh(2, 4, 1))
         if r[0] != "conv_in"
     ]
     kernel = ("conv_h", "conv_w", "conv_in", "conv_out")
@@ -158,7 +158,7 @@ def test_conv_in_loses_batch_axes_only_with_tensor_parallelism():
 
 
 def test_single_device_placement_helpers():
-    mesh = parallel.make_mesh(common.mesh(), jax.devices()[:1])
+    mesh = parallel.make_mesh(run.mesh(), jax.devices()[:1])
     sharding = parallel.batch_sharding(mesh)
     assert parallel.host_batch_shard(sharding, 8) == (0, 1)
     batch = parallel.global_batch({"x": np.arange(8.0)}, sharding)

@@ -138,7 +138,9 @@ def test_attention_implementation_reaches_the_unet_and_is_checked():
 
 
 def test_unknown_variant_is_an_error():
-    with pytest.raises(ValueError, match="unknown variants"):
+    with pytest.raises(
+        ValueError, match=r"sd15_imagine_flash\.py: unknown variant\(s\) \['v100'\]"
+    ):
         sd15_imagine_flash.get_config("v100")
     with pytest.raises(ValueError, match="pick one machine preset"):
         sd15_imagine_flash.get_config("tpu_v4_8,gpu_8xh100")

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import ml_collections
 
-from configs.shapes import common as shapes_common
-from configs.shapes import imagine_flash as shapes_imagine_flash
+from configs import run
 from flash_jax import sampling
+from flash_jax.methods.imagine_flash import ImagineFlashConfig
 
 _SD_UNET_COMMON = dict(
     act_fn="silu",
@@ -218,6 +218,7 @@ def preset(mesh: dict, batch_size: int, frozen_dtype: str = "bfloat16", remat: b
 
 def imagine_flash(
     arg: str,
+    config: str,
     *,
     unet: dict,
     text: dict,
@@ -227,18 +228,14 @@ def imagine_flash(
     prediction_type: str = "epsilon",
     text_2: dict | None = None,
 ) -> ml_collections.ConfigDict:
-    """An Imagine Flash config for an SD model (variants: see the callers' docstrings);
-    `presets`: `{machine of HBM_GIB: preset(...)}`."""
-    variants = set(filter(None, (arg or "").split(",")))
-    folder = next((v.removeprefix("folder=") for v in variants if v.startswith("folder=")), "")
-    variants -= {f"folder={folder}"}
-    known = {"1", "2", "3", "all", *HBM_GIB}
-    if variants - known:
-        raise ValueError(f"unknown variants {sorted(variants - known)} (have {sorted(known)})")
+    """An Imagine Flash config for an SD model (variants: see the callers' docstrings; `config`:
+    the calling file, for errors); `presets`: `{machine of HBM_GIB: preset(...)}`."""
+    variants, values = run.parse(arg, ("1", "2", "3", "all", *HBM_GIB), config, ("folder",))
+    folder = values.get("folder", "")
     machines = variants & set(HBM_GIB)
     if len(machines) > 1:
         raise ValueError(f"variants {sorted(machines)}: pick one machine preset")
-    c = shapes_common.training(
+    c = run.training(
         "imagine_flash",
         batch_size=64,  # global; 8 per device on 8 devices
         total_steps=20_000,
@@ -273,18 +270,17 @@ def imagine_flash(
     c.data.image_size = 0  # the cache's when training; the cache job: native (UNet sample_size x 8)
     c.teacher_workdir = ""  # unused: the teacher comes from model.pretrained
     c.autoencoder_workdir = ""  # unused: the VAE comes from model.pretrained
-    c.optimizer = shapes_common.optimizer(learning_rate=1e-5, warmup_steps=500)
-    c.disc_optimizer = shapes_common.optimizer(learning_rate=1e-5, warmup_steps=500)
-    # The testbed's knobs (configs/shapes/imagine_flash.py documents each), at SD scale.
-    knobs = shapes_imagine_flash.get_config().imagine_flash.to_dict()
-    knobs.update(
-        student_steps=(3,),  # N (a tuple); several values = one student serving all of them
+    c.optimizer = run.optimizer(learning_rate=1e-5, warmup_steps=500)
+    c.disc_optimizer = run.optimizer(learning_rate=1e-5, warmup_steps=500)
+    # The method's defaults (ImagineFlashConfig documents each knob) but for what differs at SD
+    # scale.
+    knobs = ImagineFlashConfig(
         teacher_steps=4,  # k: teacher solve steps from t_Φ to 0
         guidance_scale=guidance_scale,  # teacher CFG inside the solve (the model's usual scale)
         disc_width=256,  # channels of each discriminator head
-        srl_noise="fresh",  # the paper's; the testbed prefers "student" (docs/method.md)
+        srl_noise="fresh",  # the paper's; the testbed's measurements chose "student" (docs/method.md)
     )
-    c.imagine_flash = ml_collections.ConfigDict(knobs)
+    c.imagine_flash = ml_collections.ConfigDict(dataclasses.asdict(knobs))
     for n in ("1", "2", "3"):
         if n in variants:
             c.imagine_flash.student_steps = (int(n),)

@@ -24,6 +24,7 @@ from configs.sd import common
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     return common.imagine_flash(
         arg,
+        "configs/sd/sd15_imagine_flash.py",
         unet=common.SD15_UNET,
         text=common.CLIP_L_TEXT,
         autoencoder=common.sd_vae(sample_size=512),

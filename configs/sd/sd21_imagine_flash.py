@@ -15,6 +15,7 @@ from configs.sd import common
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     return common.imagine_flash(
         arg,
+        "configs/sd/sd21_imagine_flash.py",
         unet=common.SD21_UNET,
         text=common.OPENCLIP_H_TEXT,
         autoencoder=common.sd_vae(sample_size=768),

@@ -20,6 +20,7 @@ from configs.sd import common
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     return common.imagine_flash(
         arg,
+        "configs/sd/sdxl_imagine_flash.py",
         unet=common.SDXL_UNET,
         text=common.CLIP_L_TEXT,
         text_2=common.OPENCLIP_BIGG_TEXT,

@@ -11,14 +11,15 @@ import dataclasses
 
 import ml_collections
 
-from configs.shapes import common, imagine_flash
+from configs import run
+from configs.shapes import imagine_flash
 from flash_jax import sampling
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    variants = common.variants(arg, ("f2", "quick", "tiny"), "configs/shapes/add.py")
+    variants = run.flags(arg, ("f2", "quick", "tiny"), "configs/shapes/add.py")
     base = imagine_flash.get_config(",".join(variants & {"tiny", "f2"}))
-    c = common.training(
+    c = run.training(
         "add", batch_size=16, total_steps=600, sample_every=200, ema_decay=base.ema_decay
     )
     c.model, c.schedule, c.data = base.model, base.schedule, base.data

@@ -9,21 +9,20 @@ tests).
 
 import ml_collections
 
+from configs import run
 from configs.shapes import common
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    variants = common.variants(
-        arg, ("f2", "decoder", "quick", "tiny"), "configs/shapes/autoencoder.py"
-    )
+    variants = run.flags(arg, ("f2", "decoder", "quick", "tiny"), "configs/shapes/autoencoder.py")
     size = "tiny" if "tiny" in variants else "base"
-    c = common.training("autoencoder", total_steps=1000, sample_every=500, ema_decay=0.99)
+    c = run.training("autoencoder", total_steps=1000, sample_every=500, ema_decay=0.99)
     c.model = common.model(size, latents="f2" if "f2" in variants else "f4")
     c.kl_weight = 1e-6  # KL to N(0, I), small: the latent scale is fixed afterwards
     c.decoder_noise = 0.0  # > 0: the decoder sees z + U(0, decoder_noise)·std(z)·ε (robustness)
     c.init_from = ""  # a workdir or .msgpack: start from its EMA params instead of random ones
     c.freeze_encoder = False  # True: only the decoder trains (needs init_from and ema_decay=0)
-    c.optimizer = common.optimizer(learning_rate=1e-3, warmup_steps=100)
+    c.optimizer = run.optimizer(learning_rate=1e-3, warmup_steps=100)
     if "f2" in variants:
         c.total_steps = 3500
     if "decoder" in variants:
@@ -34,7 +33,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         )
         c.freeze_encoder, c.ema_decay = True, 0.0
         c.total_steps = 3000
-        c.optimizer = common.optimizer(learning_rate=5e-4, warmup_steps=100)
+        c.optimizer = run.optimizer(learning_rate=5e-4, warmup_steps=100)
     if "quick" in variants:
         c.total_steps, c.checkpoint_every, c.sample_every, c.log_every = 300, 300, 300, 25
     if "tiny" in variants:

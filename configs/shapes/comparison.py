@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from configs import run
 from configs.shapes import step_distill
 
 DEFAULT_ASSETS = "assets/shapes"  # the shipped trained teacher, autoencoder and judge
@@ -65,22 +66,16 @@ TEACHER_STEPS = (25, 3)
 
 
 def _parse(arg: str) -> dict:
-    """`{"tiny", "seeds", "assets"}` from the comma-separated argument."""
-    out = dict(tiny=False, seeds=5, assets=DEFAULT_ASSETS, only=NAMES)
-    for token in filter(None, (arg or "").split(",")):
-        key, eq, value = token.partition("=")
-        if token == "tiny":
-            out["tiny"] = True
-        elif eq and key == "assets":
-            out[key] = value
-        elif eq and key == "seeds":
-            out["seeds"] = int(value)
-        elif eq and key == "only":
-            out["only"] = tuple(value.split("+"))
-        else:
-            raise ValueError(
-                f"comparison config: unknown argument {token!r} (tiny, seeds=, assets=, only=)"
-            )
+    """`{"tiny", "seeds", "assets", "only"}` from the comma-separated argument."""
+    chosen, values = run.parse(
+        arg, ("tiny",), "configs/shapes/comparison.py", ("seeds", "assets", "only")
+    )
+    out = dict(
+        tiny="tiny" in chosen,
+        seeds=int(values.get("seeds", 5)),
+        assets=values.get("assets", DEFAULT_ASSETS),
+        only=tuple(values["only"].split("+")) if "only" in values else NAMES,
+    )
     if out["seeds"] < 1:
         raise ValueError(f"comparison config: seeds={out['seeds']} must be >= 1")
     unknown = set(out["only"]) - set(NAMES)

@@ -16,12 +16,14 @@ import dataclasses
 
 import ml_collections
 
-from configs.shapes import common, teacher
+from configs import run
+from configs.shapes import teacher
 from flash_jax import sampling
+from flash_jax.methods.imagine_flash import ImagineFlashConfig
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    variants = common.variants(
+    variants = run.flags(
         arg,
         (
             *(
@@ -43,42 +45,19 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         "configs/shapes/imagine_flash.py",
     )
     base = teacher.get_config(",".join(variants & {"tiny", "f2"}))
-    c = common.training(
+    c = run.training(
         "imagine_flash", batch_size=16, total_steps=600, sample_every=200, ema_decay=0.99
     )
     c.model, c.schedule, c.data = base.model, base.schedule, base.data
     c.teacher_workdir = "runs/shapes/teacher"  # the trained stage-2 teacher (frozen)
     c.autoencoder_workdir = "runs/shapes/autoencoder"  # the trained stage-1 VAE (frozen)
-    c.optimizer = common.optimizer(learning_rate=1e-4, warmup_steps=50)
-    c.disc_optimizer = common.optimizer(learning_rate=1e-4, warmup_steps=50)
-    c.imagine_flash = ml_collections.ConfigDict(
-        dict(
-            student_steps=[3],  # N; several values = one student serving all of them
-            backward=True,  # backward distillation (False: forward-noised real latents)
-            rollout_noise_correction=True,  # noise correction in the student's rollout
-            srl=True,  # shifted reconstruction loss (False: plain backward distillation)
-            gamma="affine",  # γ(t): "affine" a·t + b | "sd3" a·T·shift(t/T) + b
-            gamma_a=0.75,  # γ slope (< 1 keeps γ(T) < T)
-            gamma_b=0.0,  # γ offset
-            gamma_shift=0.5,  # s of the "sd3" shift
-            gamma_jitter=0.0,  # uniform ± jitter of t_Φ in timesteps
-            # re-noising ε': "student" (its own ε̂: χ is deterministic) | "x_T" (the sample's initial
-            # noise, the paper's equation) | "fresh" (the paper's diagram; with
-            # it the target is mostly ε' at large t and the student regresses to the mean;
-            # docs/method.md, "Open points")
-            srl_noise="student",
-            teacher_steps=2,  # k: teacher solve steps from t_Φ to 0
-            teacher_sampler="ddim",  # "ddim" | "dpmpp_2m"
-            guidance_scale=base.sample.guidance_scale,  # teacher CFG inside the solve
-            guidance_rescale=0.0,  # teacher CFG rescale φ
-            # x̂0 loss weight per sample: "uniform" | "alpha" (c(t) = α_t) | "normalized" (1 / the
-            # batch's mean loss at the sample's student step: every step's term has mean 1)
-            loss_weighting="uniform",
-            adv_weight=0.1,  # λ_adv; 0 removes the discriminator
-            disc_width=64,  # channels of each discriminator head
-            disc_t_max=750,  # discriminator re-noising levels t_d ~ U[0, disc_t_max)
-        )
+    c.optimizer = run.optimizer(learning_rate=1e-4, warmup_steps=50)
+    c.disc_optimizer = run.optimizer(learning_rate=1e-4, warmup_steps=50)
+    knobs = dataclasses.asdict(
+        ImagineFlashConfig(guidance_scale=base.sample.guidance_scale)  # the teacher's CFG scale
     )
+    knobs["student_steps"] = list(knobs["student_steps"])
+    c.imagine_flash = ml_collections.ConfigDict(knobs)  # ImagineFlashConfig documents each knob
     for n in ("1", "2", "3"):
         if n in variants:
             c.imagine_flash.student_steps = [int(n)]

@@ -7,12 +7,12 @@ Variants: "quick" (a short smoke run), "tiny" (tiny model, for tests).
 
 import ml_collections
 
-from configs.shapes import common
+from configs import run
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    variants = common.variants(arg, ("quick", "tiny"), "configs/shapes/judge.py")
-    c = common.training(
+    variants = run.flags(arg, ("quick", "tiny"), "configs/shapes/judge.py")
+    c = run.training(
         "judge",
         batch_size=32,
         total_steps=6000,
@@ -22,7 +22,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         num_samples=1,
         ema_decay=0.999,
     )
-    c.optimizer = common.optimizer(learning_rate=1e-3, warmup_steps=100)
+    c.optimizer = run.optimizer(learning_rate=1e-3, warmup_steps=100)
     c.model = ml_collections.ConfigDict(
         dict(
             judge=dict(

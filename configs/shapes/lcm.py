@@ -9,13 +9,14 @@ imagine_flash.py). Same budget as configs/shapes/imagine_flash.py (updates, batc
 
 import ml_collections
 
-from configs.shapes import common, imagine_flash
+from configs import run
+from configs.shapes import imagine_flash
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    variants = common.variants(arg, ("f2", "quick", "tiny"), "configs/shapes/lcm.py")
+    variants = run.flags(arg, ("f2", "quick", "tiny"), "configs/shapes/lcm.py")
     base = imagine_flash.get_config(",".join(variants & {"tiny", "f2"}))
-    c = common.training(
+    c = run.training(
         "lcm", batch_size=16, total_steps=600, sample_every=200, ema_decay=base.ema_decay
     )
     c.model, c.schedule, c.data = base.model, base.schedule, base.data

@@ -17,22 +17,21 @@ updates each). Other variants: "f2", "quick", "tiny" (as in imagine_flash.py).
 
 import ml_collections
 
-from configs.shapes import common, imagine_flash
+from configs import run
+from configs.shapes import imagine_flash
 
 CHAIN = ("guidance", "16", "8", "4")  # the stages, in order; each starts from the one before
 FIRST_TEACHER_STEPS = 32  # the guidance stage's student is the 16-step stage's teacher
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    variants = common.variants(
-        arg, (*CHAIN, "f2", "quick", "tiny"), "configs/shapes/step_distill.py"
-    )
+    variants = run.flags(arg, (*CHAIN, "f2", "quick", "tiny"), "configs/shapes/step_distill.py")
     base = imagine_flash.get_config(",".join(variants & {"tiny", "f2"}))
     stages = [v for v in CHAIN if v in variants]
     if len(stages) > 1:
         raise ValueError(f"step_distill config: pick one stage of {CHAIN}, got {stages}")
     stage = stages[0] if stages else "guidance"
-    c = common.training(
+    c = run.training(
         "step_distill",
         batch_size=16,
         total_steps=base.total_steps // len(CHAIN),

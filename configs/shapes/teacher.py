@@ -13,13 +13,14 @@ import dataclasses
 
 import ml_collections
 
+from configs import run
 from configs.shapes import common
 from flash_jax import sampling
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    variants = common.variants(arg, ("gpu", "f2", "quick", "tiny"), "configs/shapes/teacher.py")
-    c = common.training("denoising", total_steps=3000, sample_every=1000)
+    variants = run.flags(arg, ("gpu", "f2", "quick", "tiny"), "configs/shapes/teacher.py")
+    c = run.training("denoising", total_steps=3000, sample_every=1000)
     c.model = common.model(latents="f2" if "f2" in variants else "f4")
     c.schedule = ml_collections.ConfigDict(
         dict(

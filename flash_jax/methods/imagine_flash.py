@@ -18,8 +18,8 @@ student's x̂0^Θ re-noised to a random level, through the FROZEN teacher UNet's
 with trainable heads. Samples (grids, evaluation) use `config.sample` at the requested step count.
 
 config reads: model.*, schedule.*, teacher_workdir, autoencoder_workdir (unused when
-model.pretrained names a diffusers folder), and `imagine_flash.*` (see
-configs/shapes/imagine_flash.py for every knob and its default). Batches may carry cached latents
+model.pretrained names a diffusers folder), and `imagine_flash.*` (`ImagineFlashConfig` documents
+every knob and its default). Batches may carry cached latents
 and text embeddings (flash_jax/data/cache.py); then neither the VAE encoder nor the text encoder
 runs in the step, except on the empty prompt.
 """
@@ -114,26 +114,33 @@ def loss_weights(per_sample: Array, t: Array, step: Array, num_steps: int, kind:
 
 @dataclasses.dataclass(frozen=True)
 class ImagineFlashConfig:
-    """`config.imagine_flash` (configs/shapes/imagine_flash.py documents every field)."""
+    """`config.imagine_flash`: the method's knobs and their defaults, the one place they are set
+    (the configs change only what differs for their model; docs/method.md gives the measurement
+    behind each choice)."""
 
-    student_steps: tuple[int, ...] = (3,)
-    backward: bool = True
-    rollout_noise_correction: bool = True
-    srl: bool = True
-    gamma: str = "affine"
-    gamma_a: float = 0.75
-    gamma_b: float = 0.0
-    gamma_shift: float = 0.5
-    gamma_jitter: float = 0.0
-    srl_noise: str = "fresh"
-    teacher_steps: int = 4
-    teacher_sampler: str = "ddim"
-    guidance_scale: float = 4.0
-    guidance_rescale: float = 0.0
+    student_steps: tuple[int, ...] = (3,)  # N; several values = one student serving all of them
+    backward: bool = True  # backward distillation (False: forward-noised real latents)
+    rollout_noise_correction: bool = True  # noise correction in the student's rollout
+    srl: bool = True  # shifted reconstruction loss (False: plain backward distillation)
+    gamma: str = "affine"  # γ(t): "affine" a·t + b | "sd3" a·T·shift(t/T) + b
+    gamma_a: float = 0.75  # γ slope (< 1 keeps γ(T) < T)
+    gamma_b: float = 0.0  # γ offset
+    gamma_shift: float = 0.5  # s of the "sd3" shift
+    gamma_jitter: float = 0.0  # uniform ± jitter of t_Φ in timesteps
+    # SRL re-noising ε': "student" (its own ε̂: χ is deterministic) | "x_T" (the sample's initial
+    # noise, the paper's equation) | "fresh" (the paper's diagram; with it the target is mostly ε'
+    # at large t and the student regresses to the mean: docs/method.md, "Open points")
+    srl_noise: str = "student"
+    teacher_steps: int = 2  # k: teacher solve steps from t_Φ to 0
+    teacher_sampler: str = "ddim"  # "ddim" | "dpmpp_2m"
+    guidance_scale: float = 4.0  # teacher CFG inside the solve
+    guidance_rescale: float = 0.0  # teacher CFG rescale φ
+    # x̂0 loss weight per sample: "uniform" | "alpha" (c(t) = α_t) | "normalized" (1 / the batch's
+    # mean loss at the sample's student step: every step's term has mean 1)
     loss_weighting: str = "uniform"
-    adv_weight: float = 0.1
-    disc_width: int = 64
-    disc_t_max: int = 750
+    adv_weight: float = 0.1  # λ_adv; 0 removes the discriminator
+    disc_width: int = 64  # channels of each discriminator head
+    disc_t_max: int = 750  # discriminator re-noising levels t_d ~ U[0, disc_t_max)
 
     def __post_init__(self):
         object.__setattr__(self, "student_steps", tuple(int(n) for n in self.student_steps))
