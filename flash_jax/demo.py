@@ -122,7 +122,8 @@ def run_demo(
 
 def main(argv: list[str]) -> None:
     del argv
-    absl_logging.set_verbosity(absl_logging.WARNING)
+    if not flags.FLAGS["verbosity"].present:  # --verbosity=0 for absl's INFO logs
+        absl_logging.set_verbosity(absl_logging.WARNING)
     run_demo(
         _WORKDIR.value,
         _DISTILL_STEPS.value,

@@ -20,6 +20,7 @@ and sample grids under WORKDIR; rerunning it skips the rows already computed.
 Multi-process launches (SLURM, MPI, TPU pods) run the same command on every process; `--distributed`
 decides `jax.distributed.initialize()` (flash_jax/parallel.py). Exit codes of `train`: 0 finished,
 75 (`preemption.EXIT_CODE`) stopped by SIGTERM after checkpointing (rerun to resume), other = error.
+Library logs (absl: Orbax, JAX) show from WARNING up; `--verbosity=0` shows their INFO lines too.
 """
 
 from __future__ import annotations
@@ -156,7 +157,8 @@ def main(parsed: tuple[list[str], list[str]]) -> None:
         sys.exit(f"error: {e}")
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax is chatty at INFO
+    if not flags.FLAGS["verbosity"].present:  # Orbax is chatty at INFO; --verbosity=0 shows it
+        absl_logging.set_verbosity(absl_logging.WARNING)
     parallel.initialize_distributed(_DISTRIBUTED.value)
     if config is None and _MODE.value in ("train", "eval"):
         raise app.UsageError(f"--mode {_MODE.value} needs --config")
