@@ -6,9 +6,10 @@ import json
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
-from benchmarks import common
+from benchmarks import common, terminal_leak
 from configs.sd import common as sd_common
 from configs.sd import sd15_imagine_flash
 from flash_jax.methods import imagine_flash as ifl
@@ -129,3 +130,20 @@ def test_unet_vs_diffusers_times_every_attention_on_matching_outputs(tmp_path):
         spread = timed["time_vs_diffusers"]
         assert len(spread["values"]) == 2 and spread["min"] <= spread["median"] <= spread["max"]
     assert json.loads((tmp_path / "r.json").read_text())["jax"].keys() == result["jax"].keys()
+
+
+def test_terminal_leak_matches_its_closed_form():
+    """Latents whose channel means have variance v over h·w positions: SNR_low = odds·v·h·w; the
+    ᾱ_T found to match a target SNR reproduces it."""
+    rng = np.random.default_rng(0)
+    v, n, h, w = 0.25, 20_000, 8, 8
+    means = rng.normal(0.0, np.sqrt(v), (n, 1, 1, 4))
+    latents = np.broadcast_to(means, (n, h, w, 4))  # pure channel means
+    row = terminal_leak.leak(latents, alpha_bar_T=0.01)
+    odds = 0.01 / 0.99
+    assert row["snr_low_bound"] == pytest.approx(odds * h * w)
+    assert row["snr_low"] == pytest.approx(odds * v * h * w, rel=0.03)
+    assert row["snr_pixel"] == pytest.approx(odds * v, rel=0.03)
+    target = 19.2
+    ab = terminal_leak.alpha_bar_to_match(target, v, h * w)
+    assert ab / (1 - ab) * v * h * w == pytest.approx(target)
