@@ -94,6 +94,7 @@ def training(method: str, **overrides) -> ml_collections.ConfigDict:
     c.sample_every = 2000  # sample-grid cadence (and at the end)
     c.num_samples = 8  # images in each grid (eval prompts)
     c.ema_decay = 0.999  # EMA of the trainable params
+    c.ema_warmup = False  # True: decay min(ema_decay, (1+t)/(10+t)): forget the starting weights
     c.optimizer = optimizer()
     c.disc_optimizer = optimizer()  # used only by methods with a discriminator
     c.mesh = mesh()

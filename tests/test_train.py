@@ -1,6 +1,7 @@
 """The generic trainer: exact resume (also after SIGKILL), checkpoint fallback, refusals of bad input."""
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -16,6 +17,7 @@ import pytest
 from configs.shapes import autoencoder as ae_config
 from flash_jax import methods, weights
 from flash_jax.train import checkpoint, loop, preemption, tensorboard
+from flash_jax.train import step as step_lib
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -249,3 +251,17 @@ def test_sigterm_checkpoints_the_current_step_and_the_rerun_finishes(tmp_path):
     restored, extra = checkpoint.restore_latest(manager, checkpoint.abstract_like(expected))
     assert extra["step"] == total
     assert_trees_identical(restored, expected)
+
+
+@pytest.mark.parametrize("warmup", [False, True])
+def test_ema_weight_left_on_the_starting_parameters(warmup):
+    """EMA of params held at 1 from an EMA that starts at 0: after n updates its value is 1 minus
+    the weight left on the start, ∏ decay_t: 0.99^150 ≈ 22 % without the warm-up, ∏ (1+t)/(10+t)
+    = 150!·9!/159! with it."""
+    ema, ones = {"w": jax.numpy.zeros(())}, {"w": jax.numpy.ones(())}
+    for t in range(150):
+        ema = step_lib._ema(ema, ones, step_lib.ema_decay_at(t, 0.99, warmup))
+    left = 1.0 - float(ema["w"])
+    want = math.factorial(150) * math.factorial(9) / math.factorial(159) if warmup else 0.99**150
+    assert left == pytest.approx(want, rel=1e-4, abs=1e-7)
+    assert (left < 1e-6) == warmup

@@ -221,7 +221,13 @@ def place(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Placeme
     frozen = parallel.cast_floats(method.load_frozen(), config.frozen_dtype)
     frozen_sharding = shardings(frozen)
     batch_sharding = parallel.batch_sharding(mesh)
-    step = make_train_step(method, tx, ema_decay=config.ema_decay, disc_tx=disc_tx)
+    step = make_train_step(
+        method,
+        tx,
+        ema_decay=config.ema_decay,
+        ema_warmup=config.get("ema_warmup", False),
+        disc_tx=disc_tx,
+    )
     return Placement(
         method=method,
         abstract_state=parallel.with_shardings(abstract_state, state_sharding),

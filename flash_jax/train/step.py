@@ -15,8 +15,19 @@ from flash_jax.methods import Method
 from flash_jax.train.state import TrainState
 
 
-def _ema(ema: Any, params: Any, decay: float) -> Any:
+def _ema(ema: Any, params: Any, decay: float | jax.Array) -> Any:
     return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
+
+
+def ema_decay_at(step: jax.Array, decay: float, warmup: bool) -> jax.Array | float:
+    """The EMA decay of update `step` (0-based): `decay`, or with `warmup` `min(decay, (1 + step)
+    / (10 + step))`, which lets the average forget the parameters it started from within a few
+    updates (a run that starts from another run's weights, like a step-distillation stage, then
+    averages only its own updates)."""
+    if not warmup:
+        return decay
+    step = jnp.asarray(step, jnp.float32)
+    return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
 
 
 def make_train_step(
@@ -24,12 +35,13 @@ def make_train_step(
     tx: optax.GradientTransformation,
     *,
     ema_decay: float,
+    ema_warmup: bool = False,
     disc_tx: optax.GradientTransformation | None = None,
 ) -> Callable[[TrainState, Any, dict], tuple[TrainState, dict[str, jax.Array]]]:
     """The uncompiled step `(state, frozen, batch) -> (state, metrics)`; see `compile_train_step`.
 
     Order: generator loss and gradient, optimizer update, the method's `post_update` (if any),
-    discriminator update (if any), EMA of the kept parameters.
+    discriminator update (if any), EMA of the kept parameters (`ema_decay_at`).
 
     Metrics are scalars: `loss`, `grad_norm`, the method's aux, `disc_*` with a discriminator, and
     `finite` (1.0 when every loss and gradient norm is finite) which the loop checks before it
@@ -68,7 +80,9 @@ def make_train_step(
             step=state.step + 1,
             params=params,
             opt_state=opt_state,
-            ema_params=_ema(state.ema_params, params, ema_decay),
+            ema_params=_ema(
+                state.ema_params, params, ema_decay_at(state.step, ema_decay, ema_warmup)
+            ),
             disc_params=disc_params,
             disc_opt_state=disc_opt_state,
         )
