@@ -31,7 +31,7 @@ import numpy as np
 
 from benchmarks import common
 from flash_jax import config as flash_config
-from flash_jax.eval import evaluate, judge
+from flash_jax.eval import generation, judge, scoring
 from flash_jax.frozen import load_autoencoder
 from flash_jax.methods import common as method_common
 from flash_jax.methods import imagine_flash
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     vae = load_autoencoder(config, model)
     judge_params, judge_config = judge.load_judge(ASSETS / "judge.msgpack")
     size = config.data.image_size
-    prompts = evaluate.load_prompt_set("eval", args.num_images, 0, size, judge_params, judge_config)
+    prompts = scoring.load_prompt_set("eval", args.num_images, 0, size, judge_params, judge_config)
     tokens = jnp.asarray(model.tokenizer()(prompts.captions))
     empty = model.tokenizer()([""])[0]
     plans, ts_table = imagine_flash.student_plans(
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
         return tuple(model.to_images(vae, z) for z in (x0, srl, no_srl)), t_phi
 
     latent_shape = model.latent_shape(1, size)[1:]
-    x_T = evaluate.initial_noise(args.seed, 0, args.num_images, latent_shape)
+    x_T = generation.initial_noise(args.seed, 0, args.num_images, latent_shape)
     rows, t_phi = [], []
     for i in range(n):
         out = [[], [], []]
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
             for part, im in zip(out, parts, strict=True):
                 part.append(np.asarray(im))
         for name, parts in zip(("student", "SRL", "plain"), out, strict=True):
-            row = evaluate.score(
+            row = scoring.score(
                 np.concatenate(parts),
                 prompts.labels,
                 judge_params,

@@ -12,7 +12,7 @@ Trains `configs/shapes/teacher.py[:variant]` (plus `--set key=value` overrides) 
 stage-1 autoencoder (`--autoencoder`, default the shipped assets/shapes/autoencoder.msgpack) with
 the generic compiled step (`loop.place`). At each of `--eval-steps`, and when `--seconds` of wall
 time run out, it samples `--num-images` eval prompts with the teacher's 25-step CFG sampler from
-its EMA params and scores them with the shipped judge (`evaluate.score`: alignment per category,
+its EMA params and scores them with the shipped judge (`scoring.score`: alignment per category,
 FD-judge, colour statistics; the "real" row is the ceiling). At the end it scores the last EMA
 params at every `--guidance` scale. `--init` starts from exported params (fresh optimizer);
 `--resume` continues exactly from the `teacher_state.msgpack` of an earlier run (parameters,
@@ -52,7 +52,7 @@ from benchmarks import common
 from flash_jax import config as flash_config
 from flash_jax import parallel, sampling
 from flash_jax.data import shapes
-from flash_jax.eval import evaluate, judge
+from flash_jax.eval import generation, judge, reporting, scoring
 from flash_jax.pipeline import T2I
 from flash_jax.train import checkpoint, loop
 
@@ -116,7 +116,7 @@ def make_scorer(model: T2I, vae: Any, num_images: int, image_size: int):
     tokens = model.tokenizer()(captions)
     empty = model.tokenizer()([""])[0]
     real_features = judge.predict(judge_params, real, judge_config)["features"]
-    real_row = evaluate.score(real, labels, judge_params, judge_config, real_features)
+    real_row = scoring.score(real, labels, judge_params, judge_config, real_features)
     latent_shape = model.latent_shape(1, image_size)[1:]
 
     @functools.partial(jax.jit, static_argnums=0)
@@ -126,8 +126,10 @@ def make_scorer(model: T2I, vae: Any, num_images: int, image_size: int):
 
     def score(params, sampler: sampling.SamplerConfig):
         fn = functools.partial(run, sampler)
-        images = evaluate.generate_batched(fn, params, tokens, latent_shape, seed=0, batch_size=250)
-        return evaluate.score(images, labels, judge_params, judge_config, real_features), images
+        images = generation.generate_batched(
+            fn, params, tokens, latent_shape, seed=0, batch_size=250
+        )
+        return scoring.score(images, labels, judge_params, judge_config, real_features), images
 
     return score, (real, real_row, captions)
 
@@ -236,7 +238,7 @@ def main(argv: list[str] | None = None) -> None:
     result["steps_per_second"] = (step - result["start_step"]) / t_train
     result["wall_seconds"] = _wall(t0)
     common.write_json(result, "teacher_curve.json", str(out / "teacher_curve.json"))
-    grid = evaluate.sample_grid({"real": real, f"teacher {step}": images_last}, eval_captions, 12)
+    grid = reporting.sample_grid({"real": real, f"teacher {step}": images_last}, eval_captions, 12)
     grid.save(out / "teacher_curve_grid.png")
 
 

@@ -27,7 +27,7 @@ from configs.shapes import judge as judge_config
 from configs.shapes import teacher as teacher_config
 from flash_jax import config as flash_config
 from flash_jax import sampling
-from flash_jax.eval import evaluate
+from flash_jax.eval import evaluate, generation, reporting
 from flash_jax.pipeline import T2I
 from flash_jax.train import checkpoint, loop
 
@@ -97,13 +97,13 @@ def run_demo(
     cfg = sampling.SamplerConfig
     student = state.ema_params["unet"]
     entries = [
-        evaluate.Entry("teacher 25 (CFG)", teacher_params["unet"], cfg(num_steps=25, **guided)),
-        evaluate.Entry("teacher 3 (CFG)", teacher_params["unet"], cfg(num_steps=3, **guided)),
+        generation.Entry("teacher 25 (CFG)", teacher_params["unet"], cfg(num_steps=25, **guided)),
+        generation.Entry("teacher 3 (CFG)", teacher_params["unet"], cfg(num_steps=3, **guided)),
         *(
-            evaluate.Entry(f"student {n}", student, cfg(num_steps=n, noise_correction=True))
+            generation.Entry(f"student {n}", student, cfg(num_steps=n, noise_correction=True))
             for n in (1, 2, 3)
         ),
-        evaluate.Entry("student 3, no NC", student, cfg(num_steps=3)),
+        generation.Entry("student 3, no NC", student, cfg(num_steps=3)),
     ]
     rows, images, captions = evaluate.evaluate(
         model,
@@ -114,7 +114,7 @@ def run_demo(
         num_images=num_images,
         image_size=config.data.image_size,
     )
-    table = evaluate.write_report(rows, images, captions, workdir / "report")
+    table = reporting.write_report(rows, images, captions, workdir / "report")
     print(table)
     print(f"[demo] report: {workdir / 'report'}/results.md, samples.png")
     return rows

@@ -11,7 +11,7 @@ autoencoder are the frozen models (initialising them here would cost half a minu
    within a few percent (on 1 device).
 3. A checkpoint written on (2,2,2) restores onto (1,8,1) and onto 1 device with identical values,
    in the target shardings (and, in the calling 1-device process, through `load_params`).
-4. `evaluate.generate_batched` splits 14 prompts in batches of 8 over 8 devices, then 6 over 6,
+4. `generation.generate_batched` splits 14 prompts in batches of 8 over 8 devices, then 6 over 6,
    and samples what one device gives one image at a time.
 Prints one `CHECK <name> <max abs diff>` line per comparison, then `ALL OK`.
 """
@@ -34,7 +34,7 @@ import numpy as np
 from configs.shapes import imagine_flash as if_config
 from flash_jax import parallel, sampling
 from flash_jax.data import shapes
-from flash_jax.eval import evaluate
+from flash_jax.eval import generation
 from flash_jax.pipeline import T2I
 from flash_jax.train import checkpoint, loop
 
@@ -142,9 +142,9 @@ def check_generate_batched(config, assets: Path) -> None:
         return sample(params, tok, x_T)
 
     shape = model.latent_shape(1, config.data.image_size)[1:]
-    got = evaluate.generate_batched(generate_fn, params, tokens, shape, seed=3, batch_size=8)
+    got = generation.generate_batched(generate_fn, params, tokens, shape, seed=3, batch_size=8)
     assert devices_used == [8, 6], devices_used
-    expected = evaluate.generate_batched(generate_fn, params, tokens, shape, seed=3, batch_size=1)
+    expected = generation.generate_batched(generate_fn, params, tokens, shape, seed=3, batch_size=1)
     assert set(devices_used[2:]) == {1}, devices_used
     assert_close("generate_batched on 8 and 6 devices", got, expected)
 

@@ -19,7 +19,7 @@ import pytest
 from configs.shapes import comparison
 from configs.shapes import teacher as teacher_config
 from flash_jax.config import ConfigError
-from flash_jax.eval import evaluate, metrics
+from flash_jax.eval import evaluate, generation, metrics, reporting
 from flash_jax.train import checkpoint
 from flash_jax.train.state import init_state
 
@@ -38,8 +38,8 @@ def test_seed_diversity_closed_form():
 
 def test_initial_noise_does_not_depend_on_batching():
     shape = (4, 4, 4)
-    whole = evaluate.initial_noise(3, 0, 5, shape)
-    np.testing.assert_array_equal(evaluate.initial_noise(3, 2, 3, shape), whole[2:])
+    whole = generation.initial_noise(3, 0, 5, shape)
+    np.testing.assert_array_equal(generation.initial_noise(3, 2, 3, shape), whole[2:])
     one = jax.random.normal(jax.random.fold_in(jax.random.PRNGKey(3), 4), shape)
     np.testing.assert_array_equal(whole[4], one)
 
@@ -50,11 +50,11 @@ def test_summarize_mean_and_sample_std_over_runs():
         "b|1|eval": dict(label="A", run="b", steps=1, prompt_set="eval", fd_judge=3.0, nfe=1),
         "c|1|eval": dict(label="C", run="c", steps=1, prompt_set="eval", fd_judge=5.0, nfe=2),
     }
-    a, c = evaluate.summarize(rows)
+    a, c = reporting.summarize(rows)
     assert (a["label"], a["n"], a["fd_judge"]) == ("A", 2, 2.0)
     assert a["fd_judge_std"] == pytest.approx(math.sqrt(2.0))
     assert (c["n"], c["fd_judge_std"], c["nfe"]) == (1, 0.0, 2)
-    table = evaluate.summary_markdown([a, c], "eval")
+    table = reporting.summary_markdown([a, c], "eval")
     assert "| A | 1 | 1 | 2 | 2.00 ± 1.41 |" in table and "| C | 1 | 2 | 1 | 5.00 |" in table
 
 
@@ -213,13 +213,13 @@ def test_rerun_skips_done_rows_and_recomputes_missing_ones(evaluated, monkeypatc
     config, workdir, rows = evaluated
     results = workdir / "evaluation" / "results.json"
     calls = []
-    original = evaluate.generate_batched
+    original = generation.generate_batched
 
     def counting(*args, **kwargs):
         calls.append(args[2])
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(evaluate, "generate_batched", counting)
+    monkeypatch.setattr(generation, "generate_batched", counting)
     again = evaluate.run_evaluation(config, workdir)
     assert calls == [] and again == json.loads(results.read_text())["rows"]
 

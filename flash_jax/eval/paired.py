@@ -2,7 +2,7 @@
 resampled prompts, and paired bootstrap 95 % confidence intervals of each row's difference to a
 reference row.
 
-Every generator samples the same prompts from the same initial noise (`evaluate.initial_noise`),
+Every generator samples the same prompts from the same initial noise (`flash_jax.eval.generation.initial_noise`),
 so two rows differ only by the generator. A row is one method label at one step count on one
 prompt set, trained with several seeds (one run per seed). Its value for a metric is the mean
 over its seeds. The interval of `row − reference` comes from a two-level bootstrap that keeps the

@@ -36,7 +36,7 @@ class Method:
       generate: `(params, frozen, tokens, x_T, rng, num_steps) -> uint8 images (B, H, W, 3)`, or
         None: the trained generator's own sampler at `num_steps` steps (a static int) from the
         initial noise `x_T` `(B, h, w, c)` for token ids `(B, L)`; `rng` drives stochastic
-        samplers. Traceable; what evaluation (flash_jax/eval/evaluate.py) calls for a checkpoint
+        samplers. Traceable; what evaluation (flash_jax/eval/generation.py) calls for a checkpoint
         of this method, so every method is compared on the same prompts and noise.
       post_update: `(params, new_params) -> new_params`, or None: runs in the compiled step right
         after the optimizer update (`params` are the values before it, `new_params` after) and
