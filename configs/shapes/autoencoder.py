@@ -10,14 +10,14 @@ tests).
 import ml_collections
 
 from configs import run
-from configs.shapes import common
+from configs.shapes import models
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     variants = run.flags(arg, ("f2", "decoder", "quick", "tiny"), "configs/shapes/autoencoder.py")
     size = "tiny" if "tiny" in variants else "base"
     c = run.training("autoencoder", total_steps=1000, sample_every=500, ema_decay=0.99)
-    c.model = common.model(size, latents="f2" if "f2" in variants else "f4")
+    c.model = models.model(size, latents="f2" if "f2" in variants else "f4")
     c.kl_weight = 1e-6  # KL to N(0, I), small: the latent scale is fixed afterwards
     c.decoder_noise = 0.0  # > 0: the decoder sees z + U(0, decoder_noise)·std(z)·ε (robustness)
     c.init_from = ""  # a workdir or .msgpack: start from its EMA params instead of random ones
@@ -38,7 +38,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.total_steps, c.checkpoint_every, c.sample_every, c.log_every = 300, 300, 300, 25
     if "tiny" in variants:
         c.data.image_size = 16
-        c.model = common.model("tiny", image_size=16)
+        c.model = models.model("tiny", image_size=16)
         c.batch_size, c.total_steps, c.log_every = 4, 6, 1
         c.checkpoint_every, c.sample_every, c.num_samples = 3, 6, 2
     c.lock()

@@ -14,14 +14,14 @@ import dataclasses
 import ml_collections
 
 from configs import run
-from configs.shapes import common
+from configs.shapes import models
 from flash_jax import sampling
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     variants = run.flags(arg, ("gpu", "f2", "quick", "tiny"), "configs/shapes/teacher.py")
     c = run.training("denoising", total_steps=3000, sample_every=1000)
-    c.model = common.model(latents="f2" if "f2" in variants else "f4")
+    c.model = models.model(latents="f2" if "f2" in variants else "f4")
     c.schedule = ml_collections.ConfigDict(
         dict(
             beta_schedule="scaled_linear",  # SD's schedule
@@ -49,7 +49,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.total_steps, c.checkpoint_every, c.sample_every, c.log_every = 400, 400, 400, 25
     if "tiny" in variants:
         c.data.image_size = 16
-        c.model = common.model("tiny", image_size=16)
+        c.model = models.model("tiny", image_size=16)
         c.batch_size, c.total_steps, c.log_every = 4, 6, 1
         c.checkpoint_every, c.sample_every, c.num_samples = 3, 6, 2
         c.sample.num_steps = 2
