@@ -9,6 +9,7 @@ predict can tell them apart).
 from __future__ import annotations
 
 import importlib
+import json
 from pathlib import Path
 
 import jax
@@ -17,14 +18,15 @@ import numpy as np
 import pytest
 
 from configs.shapes import teacher
-from flash_jax import diffusion, frozen, weights
+from flash_jax import diffusion, frozen, methods, weights
 from flash_jax.eval import judge
 from flash_jax.methods import common as method_common
 from flash_jax.models import autoencoder
 from flash_jax.pipeline import T2I
 from flash_jax.train import checkpoint
 
-ASSETS = Path(__file__).resolve().parents[1] / "assets" / "shapes"
+ROOT = Path(__file__).resolve().parents[1]
+ASSETS = ROOT / "assets" / "shapes"
 SHIPPED = {"f4": "autoencoder.msgpack", "f2": "autoencoder_f2.msgpack"}
 TEACHERS = {"f4": "teacher.msgpack", "f2": "teacher_f2.msgpack"}
 CONFIGS = ("add", "autoencoder", "imagine_flash", "judge", "lcm", "step_distill", "teacher")
@@ -109,3 +111,33 @@ def test_shipped_teacher_belongs_to_its_autoencoder(latents):
     other = next(name for name in TEACHERS if name != latents)
     assert errors[latents] < 0.1, errors  # a trained denoiser (an untrained one is near 1)
     assert errors[latents] < 0.5 * errors[other], errors
+
+
+def test_leak_variant_leaks_like_sd15_at_t_T():
+    """The 'leak' teacher's terminal ᾱ_T is what terminal_leak measured the 16x16 latents need to
+    keep SD1.5's low-frequency SNR at t = T (within 3 %); it continues the shipped f2 teacher."""
+    config = teacher.get_config("f2,leak")
+    leak = json.loads((ROOT / "benchmarks" / "results" / "terminal_leak.json").read_text())
+    want = leak["rows"]["testbed 16x16 (f2)"]["alpha_bar_T_to_match_sd"]
+    got = diffusion.make_schedule(**config.schedule.to_dict()).alphas_cumprod[-1]
+    assert got == pytest.approx(want, rel=0.03)
+    assert config.init_from == "assets/shapes/teacher_f2.msgpack"
+    with pytest.raises(ValueError, match="'leak' variant is for 'f2' latents"):
+        teacher.get_config("leak")
+
+
+def test_teacher_init_from_starts_from_the_file_and_refuses_another_model(tiny_assets):
+    config = teacher.get_config("tiny")
+    with config.unlocked():
+        config.init_from = str(tiny_assets / "teacher.msgpack")
+        config.autoencoder_workdir = str(tiny_assets / "autoencoder.msgpack")
+    init = methods.get("denoising")(config).init
+    got = init(jax.random.PRNGKey(7))
+    want = checkpoint.load_params(tiny_assets / "teacher.msgpack")
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), got, want))
+    with config.unlocked():
+        config.init_from = str(tiny_assets / "judge.msgpack")
+    with pytest.raises(
+        ValueError, match=r"config.init_from=.*judge.msgpack has no \['text', 'unet'\]"
+    ):
+        methods.get("denoising")(config).init(jax.random.PRNGKey(0))

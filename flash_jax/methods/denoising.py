@@ -1,7 +1,8 @@
 """The diffusion loss: trains a text-to-image teacher (UNet + text encoder) on frozen-VAE latents.
 
 config reads: model.*, schedule.*, cfg_dropout (probability of the empty prompt, for CFG),
-snr_gamma (optional; > 0 weights the loss by min-SNR-γ, `diffusion.min_snr_weight`),
+snr_gamma (optional; > 0 weights the loss by min-SNR-γ, `diffusion.min_snr_weight`), init_from
+(optional: a teacher run or `.msgpack` to start from, e.g. to continue it on another schedule),
 autoencoder_workdir (where the frozen VAE was trained; or model.pretrained), sample.* (the sampler
 of the grids and of `generate`, which evaluation calls with its own step counts). Cached latents in
 the batch (flash_jax/data/cache.py) replace the VAE encoder; the text encoder is trained here, so it
@@ -21,6 +22,7 @@ import ml_collections
 from flash_jax import diffusion, frozen, pipeline, sampling
 from flash_jax.methods import Method, common
 from flash_jax.pipeline import T2I
+from flash_jax.train import checkpoint
 
 
 def diffusion_target(x0, noise, alpha, sigma, prediction_type: str) -> jax.Array:
@@ -45,6 +47,18 @@ def make(config: ml_collections.ConfigDict) -> Method:
     snr_gamma = float(config.get("snr_gamma", 0.0))
 
     prepare_batch = functools.partial(pipeline.prepare_batch, tokenizer=tokenizer, model=model)
+    init_from = config.get("init_from", "")
+
+    @functools.cache  # init is traced for shapes, then run: read and check the file once
+    def loaded_params() -> dict[str, Any]:
+        params = checkpoint.load_params(init_from)
+        missing = {"unet", "text"} - set(params)
+        if missing:
+            raise ValueError(f"config.init_from={init_from} has no {sorted(missing)} parameters")
+        return model.check(params, f"config.init_from={init_from}")
+
+    def init(rng: jax.Array) -> dict[str, Any]:
+        return loaded_params() if init_from else model.init(rng)
 
     def load_frozen() -> dict[str, Any]:
         return {"vae": frozen.load_autoencoder(config, model)}
@@ -79,7 +93,7 @@ def make(config: ml_collections.ConfigDict) -> Method:
         return model.generate(params, frozen["vae"], tokens, uncond, x_T, sampler, rng)
 
     return Method(
-        init=model.init,
+        init=init,
         load_frozen=load_frozen,
         generator_loss=generator_loss,
         prepare_batch=prepare_batch,
