@@ -28,7 +28,7 @@ import optax
 from flash_jax import methods, sampling
 from flash_jax.methods import Method
 from flash_jax.models import autoencoder
-from flash_jax.pipeline import T2I
+from flash_jax.t2i import T2I
 from flash_jax.train import checkpoint
 from flash_jax.train import state as state_lib
 

@@ -52,7 +52,7 @@ import numpy as np
 from benchmarks import common
 from benchmarks import sampling as sampling_bench
 from flash_jax.methods import imagine_flash as ifl
-from flash_jax.pipeline import T2I
+from flash_jax.t2i import T2I
 from flash_jax.train import loop
 from flash_jax.train import step as step_lib
 

@@ -43,7 +43,7 @@ from benchmarks import sampling as sampling_bench
 from configs.shapes import imagine_flash as if_config
 from flash_jax.methods import common as methods_common
 from flash_jax.methods import imagine_flash as ifl
-from flash_jax.pipeline import T2I
+from flash_jax.t2i import T2I
 from flash_jax.train import loop
 from flash_jax.train import step as step_lib
 

@@ -32,7 +32,7 @@ from jax.sharding import PartitionSpec as P
 
 from benchmarks import common
 from flash_jax import parallel, sampling
-from flash_jax.pipeline import T2I
+from flash_jax.t2i import T2I
 
 PROMPT = "a red circle and a blue square"
 

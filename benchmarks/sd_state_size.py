@@ -52,7 +52,7 @@ from configs.sd import sd15_imagine_flash, sd21_imagine_flash, sdxl_imagine_flas
 from flash_jax import methods, parallel
 from flash_jax.data import cache
 from flash_jax.models import autoencoder, text, unet
-from flash_jax.pipeline import T2I
+from flash_jax.t2i import T2I
 from flash_jax.train import loop
 from flash_jax.train import state as state_lib
 from flash_jax.train import step as step_lib
@@ -159,7 +159,7 @@ def _abstract_tokenizer(self: T2I):
     """Without a tokenizer folder (no weights here), SDXL's stacked ids `(B, 2, L)` come from two
     testbed word tokenizers: only their shape reaches the compiled step."""
     from flash_jax.data.tokenizer import WordTokenizer
-    from flash_jax.pipeline import StackedTokenizer
+    from flash_jax.t2i import StackedTokenizer
 
     word = WordTokenizer(max_length=self.max_length)
     return StackedTokenizer([word, word]) if self.text_2 else word

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from benchmarks import common
 from flash_jax import sampling
 from flash_jax.models import layers
-from flash_jax.pipeline import T2I
+from flash_jax.t2i import T2I
 
 CONV_SHAPES = ((16, 2, 2, 64, 64), (16, 2, 2, 128, 64), (32, 2, 2, 128, 64), (16, 4, 4, 64, 64))
 CONV_SHAPES += ((16, 8, 8, 32, 32),)  # (B, H, W, C_in, C_out)

@@ -35,7 +35,7 @@ from flash_jax.eval import generation, judge, scoring
 from flash_jax.frozen import load_autoencoder
 from flash_jax.methods import common as method_common
 from flash_jax.methods import imagine_flash
-from flash_jax.pipeline import T2I
+from flash_jax.t2i import T2I
 from flash_jax.train import checkpoint
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "shapes"

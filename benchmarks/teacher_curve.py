@@ -53,7 +53,7 @@ from flash_jax import config as flash_config
 from flash_jax import parallel, sampling
 from flash_jax.data import shapes
 from flash_jax.eval import generation, judge, reporting, scoring
-from flash_jax.pipeline import T2I
+from flash_jax.t2i import T2I
 from flash_jax.train import checkpoint, loop
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "shapes"

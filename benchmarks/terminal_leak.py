@@ -33,7 +33,7 @@ from flash_jax import diffusion
 from flash_jax.data import cache_reader
 from flash_jax.eval import judge
 from flash_jax.frozen import load_autoencoder
-from flash_jax.pipeline import T2I
+from flash_jax.t2i import T2I
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "shapes"
 TESTBED = {  # row -> (config, shipped autoencoder)

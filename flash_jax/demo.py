@@ -28,7 +28,7 @@ from configs.shapes import teacher as teacher_config
 from flash_jax import config as flash_config
 from flash_jax import sampling
 from flash_jax.eval import evaluate, generation, reporting
-from flash_jax.pipeline import T2I
+from flash_jax.t2i import T2I
 from flash_jax.train import checkpoint, loop
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets" / "shapes"

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flash_jax import diffusion, weights
-from flash_jax.pipeline import T2I
+from flash_jax.t2i import T2I
 from flash_jax.train import checkpoint
 
 if TYPE_CHECKING:

@@ -1,7 +1,7 @@
 """The frozen models a run loads: the teacher and the VAE, from `config.model.pretrained` (a
 diffusers folder, through `T2I.load_pretrained`) or from the testbed's run directories and
 `.msgpack` files (`config.teacher_workdir`, `config.autoencoder_workdir`), checked against the
-architecture in `config.model`. Above both the model (`pipeline.T2I`) and the checkpoints."""
+architecture in `config.model`. Above both the model (`t2i.T2I`) and the checkpoints."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from flash_jax import weights
-from flash_jax.pipeline import T2I
+from flash_jax.t2i import T2I
 from flash_jax.train import checkpoint
 
 if TYPE_CHECKING:  # ml_collections is only a type here: GPU boxes without it can import this

@@ -39,7 +39,7 @@ from flash_jax import config as flash_config
 from flash_jax import export, frozen, parallel, sampling
 from flash_jax.data import cache as data_cache
 from flash_jax.eval import evaluate
-from flash_jax.pipeline import T2I
+from flash_jax.t2i import T2I
 from flash_jax.train import checkpoint, lock, loop, preemption
 
 _CONFIG = flags.DEFINE_string("config", None, "config file[:variant]; --config.KEY=VALUE overrides")

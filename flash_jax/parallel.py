@@ -258,7 +258,7 @@ def _is_box(x: Any) -> bool:
 
 def annotation_table(annotated: PyTree) -> dict[tuple[str, ...], tuple[tuple[int, ...], tuple]]:
     """`{path: (shape, logical names)}` of the boxed leaves (`nn.LogicallyPartitioned`) of
-    `annotated`, e.g. `jax.eval_shape` of a flax `init` (see `pipeline.T2I.logical_axes`)."""
+    `annotated`, e.g. `jax.eval_shape` of a flax `init` (see `t2i.T2I.logical_axes`)."""
     table = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(annotated, is_leaf=_is_box)[0]:
         if _is_box(leaf):

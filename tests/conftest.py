@@ -36,7 +36,7 @@ def tiny_assets(tmp_path_factory):
     from configs.shapes import imagine_flash
     from flash_jax.eval import judge
     from flash_jax.models import autoencoder
-    from flash_jax.pipeline import T2I
+    from flash_jax.t2i import T2I
 
     directory = tmp_path_factory.mktemp("tiny_assets")
     config = imagine_flash.get_config("tiny")

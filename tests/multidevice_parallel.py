@@ -35,7 +35,7 @@ from configs.shapes import imagine_flash as if_config
 from flash_jax import parallel, sampling
 from flash_jax.data import shapes
 from flash_jax.eval import generation
-from flash_jax.pipeline import T2I
+from flash_jax.t2i import T2I
 from flash_jax.train import checkpoint, loop
 
 MESHES = ((2, 2, 2),)  # data, fsdp and tensor parallel at once (each mesh costs minutes here)

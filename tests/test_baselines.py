@@ -18,7 +18,7 @@ from flash_jax import diffusion, methods, parallel, sampling
 from flash_jax.data import shapes
 from flash_jax.methods import add, common, imagine_flash, lcm, step_distill
 from flash_jax.models import layers
-from flash_jax.pipeline import T2I
+from flash_jax.t2i import T2I
 from flash_jax.train import checkpoint
 from flash_jax.train.state import init_state
 from flash_jax.train.step import make_train_step

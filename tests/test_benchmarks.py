@@ -14,7 +14,7 @@ from configs.sd import common as sd_common
 from configs.sd import sd15_imagine_flash
 from flash_jax.methods import imagine_flash as ifl
 from flash_jax.models import autoencoder, text, unet
-from flash_jax.pipeline import T2I
+from flash_jax.t2i import T2I
 from flash_jax.train import checkpoint, loop
 
 

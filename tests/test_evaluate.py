@@ -115,7 +115,7 @@ def guided_student(tiny_assets, tmp_path_factory):
     """The tiny teacher's UNet with a zero guidance projection (w_embedding_dim 8), as a params file."""
     from configs.shapes import lcm as lcm_config
     from flash_jax.methods import common
-    from flash_jax.pipeline import T2I
+    from flash_jax.t2i import T2I
 
     model = T2I.from_config(lcm_config.get_config("tiny"))
     unet = checkpoint.load_params(tiny_assets / "teacher.msgpack")["unet"]

@@ -21,7 +21,7 @@ import pytest
 
 from configs.sd import sd15_imagine_flash, sdxl_imagine_flash
 from flash_jax import diffusion, export, sampling, weights
-from flash_jax.pipeline import T2I
+from flash_jax.t2i import T2I
 from flash_jax.train import checkpoint, loop
 from tests import tiny_sd
 

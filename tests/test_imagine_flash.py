@@ -12,7 +12,7 @@ from flash_jax import diffusion, sampling
 from flash_jax.methods import common
 from flash_jax.methods import imagine_flash as ifl
 from flash_jax.models import discriminator as disc_lib
-from flash_jax.pipeline import T2I
+from flash_jax.t2i import T2I
 
 B = 2
 

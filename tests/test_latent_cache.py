@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from configs.sd import sd15_imagine_flash
-from flash_jax import pipeline
+from flash_jax import t2i
 from flash_jax.data import cache, captions, datasets, sources
 from flash_jax.train import loop
 from tests import tiny_sd
@@ -141,7 +141,7 @@ def latent_cache(sd_config, tmp_path_factory):
 
 
 def test_cache_holds_the_encodings_in_source_order(sd_config, image_tfds, latent_cache):
-    model = pipeline.T2I.from_config(sd_config)
+    model = t2i.T2I.from_config(sd_config)
     frozen = model.load_pretrained(("text", "vae"))
     stored = datasets.tfds_source(latent_cache, "train", cache.BUILDER_NAME)
     records = [stored[i] for i in range(len(stored))]
@@ -181,12 +181,12 @@ def test_cached_data_errors(sd_config, latent_cache):
         sources.make_dataset(config.data, 2)
     with pytest.raises(ValueError, match=r"config\.data\.source='cache'"):
         cache.write_cache(config, latent_cache.parent / "again")
-    model = pipeline.T2I.from_config(sd_config)
+    model = t2i.T2I.from_config(sd_config)
     raw = {"latent_mean": np.zeros((2, 8, 8, 3)), "latent_std": np.zeros((2, 8, 8, 3)),
            "prompt_embeds": np.zeros((2, 16, 24)), "pooled_prompt_embeds": np.zeros((2, 32)),
            "tokens": np.zeros((2, 16), np.int32)}  # fmt: skip
     with pytest.raises(ValueError, match=r"3 channels[\s\S]*cross_attention_dim"):
-        pipeline.prepare_batch(raw, model.tokenizer(), model)
+        t2i.prepare_batch(raw, model.tokenizer(), model)
 
 
 @pytest.mark.slow  # compiles the Imagine Flash step and its sampler (~40 s here)

@@ -13,7 +13,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "flash_jax"
 
-MODEL = ("flash_jax.pipeline", "flash_jax.models", "flash_jax.diffusion", "flash_jax.sampling")
+MODEL = ("flash_jax.t2i", "flash_jax.models", "flash_jax.diffusion", "flash_jax.sampling")
 MODEL += ("flash_jax.weights", "flash_jax.data.tokenizer")
 JOBS = ("flash_jax.main", "flash_jax.demo", "flash_jax.export", "flash_jax.data.cache")
 METHODS = ("flash_jax.methods.", "flash_jax.frozen")  # the implementations, not the interface
@@ -74,7 +74,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 def test_the_graph_is_read():
     graph = import_graph()
     assert "flash_jax.data.datasets" in graph["flash_jax.data.sources"]
-    assert "flash_jax.pipeline" in graph["flash_jax.frozen"]
+    assert "flash_jax.t2i" in graph["flash_jax.frozen"]
 
 
 def test_find_cycle_sees_a_cycle():
@@ -90,7 +90,7 @@ def test_no_module_imports_from_a_layer_above():
     above = {
         "data": MODEL + TRAIN + METHODS + EVAL + JOBS,
         "model": TRAIN + METHODS + EVAL + JOBS + ("flash_jax.data.",),
-        "train": METHODS + EVAL + JOBS + ("flash_jax.pipeline",),
+        "train": METHODS + EVAL + JOBS + ("flash_jax.t2i",),
         "methods": (*JOBS, "flash_jax.eval.evaluate"),
     }
     wrong = []

@@ -18,7 +18,7 @@ from jax.sharding import PartitionSpec as P
 from configs import run
 from configs.shapes import imagine_flash as if_config
 from flash_jax import parallel
-from flash_jax.pipeline import T2I
+from flash_jax.t2i import T2I
 from flash_jax.train import checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 
 from configs.shapes import teacher as teacher_config
 from flash_jax.eval import prompt_gap
-from flash_jax.pipeline import T2I
+from flash_jax.t2i import T2I
 
 
 def test_gap_is_zero_exactly_when_cross_attention_is_cut():

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from configs.sd import common, sd15_imagine_flash, sd21_imagine_flash, sdxl_imagine_flash
-from flash_jax import frozen, pipeline
+from flash_jax import frozen, t2i
 from flash_jax.data import cache
 from flash_jax.methods.imagine_flash import ImagineFlashConfig
 from flash_jax.models import autoencoder, text, unet
@@ -101,7 +101,7 @@ def test_model_dicts_carry_the_published_values(name):
     assert ("text_2" in config.model) == (name == "sdxl")
     assert config.schedule.prediction_type == expected["prediction_type"]
     assert config.data.image_size == 0  # the cache's; the cache job's: the native size
-    assert cache.native_image_size(pipeline.T2I.from_config(config)) == expected["image_size"]
+    assert cache.native_image_size(t2i.T2I.from_config(config)) == expected["image_size"]
     assert config.model.force_zeros_for_empty_prompt == (name == "sdxl")
 
 
@@ -109,7 +109,7 @@ def test_model_dicts_carry_the_published_values(name):
 @pytest.mark.parametrize("variant", ["", *common.HBM_GIB, "all", "1"])
 def test_configs_parse_and_validate(name, variant):
     config = CONFIGS[name].get_config(variant)
-    model = pipeline.T2I.from_config(config)  # cross-attention width, SDXL text_time sizes
+    model = t2i.T2I.from_config(config)  # cross-attention width, SDXL text_time sizes
     assert model.unet.dtype == np.dtype("bfloat16") and model.unet.remat
     size = cache.native_image_size(model)
     assert model.latent_shape(1, size)[1] == config.model.unet.sample_size
@@ -129,12 +129,12 @@ def test_configs_parse_and_validate(name, variant):
 
 def test_attention_implementation_reaches_the_unet_and_is_checked():
     config = sd15_imagine_flash.get_config("")
-    assert pipeline.T2I.from_config(config).unet.attention_implementation is None  # "": JAX's
+    assert t2i.T2I.from_config(config).unet.attention_implementation is None  # "": JAX's
     config.model.attention_implementation = "per_head"
-    assert pipeline.T2I.from_config(config).unet.attention_implementation == "per_head"
+    assert t2i.T2I.from_config(config).unet.attention_implementation == "per_head"
     config.model.attention_implementation = "flash"
     with pytest.raises(ValueError, match=r"attention_implementation='flash'"):
-        pipeline.T2I.from_config(config)
+        t2i.T2I.from_config(config)
 
 
 def test_unknown_variant_is_an_error():
@@ -197,12 +197,12 @@ def test_folder_variant_takes_the_architecture_from_the_folder(tmp_path):
     assert config.model.pretrained == str(tmp_path)
     for part, d in json.loads(json.dumps(dicts)).items():
         assert {k: config.model[part][k] for k in d} == d, part
-    model = pipeline.T2I.from_config(config)
+    model = t2i.T2I.from_config(config)
     assert set(model.load_pretrained(("unet", "text"))) == {"unet", "text"}
     pinned = sdxl_imagine_flash.get_config("1")  # the default: the published architecture
     pinned.model.pretrained = str(tmp_path)
     with pytest.raises(ValueError, match=r"unet/config.json differs from config.model"):
-        pipeline.T2I.from_config(pinned).load_pretrained(("unet",))
+        t2i.T2I.from_config(pinned).load_pretrained(("unet",))
     (tmp_path / "text_encoder_2" / "config.json").unlink()
     with pytest.raises(FileNotFoundError, match=r"text_encoder_2/config\.json: no such file"):
         sdxl_imagine_flash.get_config(f"folder={tmp_path}")

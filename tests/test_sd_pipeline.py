@@ -1,4 +1,4 @@
-"""Real-SD support of pipeline.T2I against diffusers' own pipelines, on tiny random-weight
+"""Real-SD support of t2i.T2I against diffusers' own pipelines, on tiny random-weight
 SD1.5-, SD2.1- and SDXL-shaped folders written here: loading from a diffusers folder (and its
 errors), the CLIP BPE tokenizer(s), prompt / pooled / empty-prompt conditioning and the UNet call
 (SDXL's size micro-conditioning included)."""
@@ -10,7 +10,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from flash_jax import pipeline, weights
+from flash_jax import t2i, weights
 from tests import tiny_sd
 
 torch = pytest.importorskip("torch")
@@ -47,7 +47,7 @@ def case(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(kind)
     dicts = tiny_sd.write_pipeline(folder, kind)
     options = {"force_zeros_for_empty_prompt": True} if kind == "sdxl" else {}
-    model = pipeline.T2I.from_config(t2i_config(dicts, folder, **options))
+    model = t2i.T2I.from_config(t2i_config(dicts, folder, **options))
     params = model.load_pretrained(("unet", "text", "vae"))
 
     load = lambda cls, sub: cls.from_pretrained(folder / sub)  # noqa: E731
@@ -155,17 +155,17 @@ def test_folder_must_match_the_config(tmp_path):
     dicts = tiny_sd.write_pipeline(tmp_path, "sd15")
     other = {k: dict(v) for k, v in dicts.items()}
     other["unet"]["layers_per_block"] = 2
-    model = pipeline.T2I.from_config(t2i_config(other, tmp_path))
+    model = t2i.T2I.from_config(t2i_config(other, tmp_path))
     with pytest.raises(ValueError, match=r"unet/config.json differs[\s\S]*layers_per_block"):
         model.load_pretrained(("unet",))
     with pytest.raises(ValueError, match=r"config\.model\.pretrained is empty"):
-        pipeline.T2I.from_config(t2i_config(dicts, "")).load_pretrained(("vae",))
+        t2i.T2I.from_config(t2i_config(dicts, "")).load_pretrained(("vae",))
     with pytest.raises(ValueError, match="cross_attention_dim"):
         bad = {k: dict(v) for k, v in dicts.items()}
         bad["text"]["hidden_size"] = 16
-        pipeline.T2I.from_config(t2i_config(bad, tmp_path))
+        t2i.T2I.from_config(t2i_config(bad, tmp_path))
     with pytest.raises(ValueError, match="unknown keys"):
-        pipeline.T2I.from_config(t2i_config(dicts, tmp_path, colour="red"))
+        t2i.T2I.from_config(t2i_config(dicts, tmp_path, colour="red"))
 
 
 def test_weight_variants_are_read_separately(tmp_path):
@@ -174,8 +174,8 @@ def test_weight_variants_are_read_separately(tmp_path):
     dicts = tiny_sd.write_pipeline(tmp_path, "sd15")
     unet = diffusers.UNet2DConditionModel.from_pretrained(tmp_path / "unet")
     unet.half().save_pretrained(tmp_path / "unet", variant="fp16")
-    plain = pipeline.T2I.from_config(t2i_config(dicts, tmp_path)).load_pretrained(("unet",))
-    half = pipeline.T2I.from_config(t2i_config(dicts, tmp_path, variant="fp16"))
+    plain = t2i.T2I.from_config(t2i_config(dicts, tmp_path)).load_pretrained(("unet",))
+    half = t2i.T2I.from_config(t2i_config(dicts, tmp_path, variant="fp16"))
     half = half.load_pretrained(("unet",))
     w, w16 = (p["unet"]["conv_in"]["kernel"] for p in (plain, half))
     assert not np.array_equal(w, w16)  # fp16 rounding: a different file was read

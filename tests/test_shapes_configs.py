@@ -22,7 +22,7 @@ from flash_jax import diffusion, frozen, methods, weights
 from flash_jax.eval import judge
 from flash_jax.methods import common as method_common
 from flash_jax.models import autoencoder
-from flash_jax.pipeline import T2I
+from flash_jax.t2i import T2I
 from flash_jax.train import checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -3,7 +3,7 @@
 Model dicts are the published diffusers / transformers `config.json` contents (bookkeeping keys
 such as `_class_name`, `architectures`, `torch_dtype` left out) of
 runwayml/stable-diffusion-v1-5, stabilityai/stable-diffusion-2-1 and
-stabilityai/stable-diffusion-xl-base-1.0; `pipeline.T2I.load_pretrained` checks that the folder
+stabilityai/stable-diffusion-xl-base-1.0; `t2i.T2I.load_pretrained` checks that the folder
 given as `model.pretrained` has exactly these architectures. tests/test_sd_configs.py checks them
 against the published values and parameter counts.
 """

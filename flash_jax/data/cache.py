@@ -12,7 +12,7 @@ or the Shapes testbed), in order, once, resized to `config.data.image_size`. Per
   latent_mean, latent_std   (h, w, c)  the VAE posterior's mean and standard deviation, already in
                                        diffusion space: (mean_z − shift)·scale and std_z·scale, so
                                        `mean + std·ε` is exactly the latent that encoding the image
-                                       with a key gives (pipeline.T2I.batch_latents)
+                                       with a key gives (t2i.T2I.batch_latents)
   prompt_embeds             (L, D)     the UNet's text conditioning (SDXL: both encoders, 2048)
   pooled_prompt_embeds      (P,)       the pooled / projected text embedding
   tokens                    (L,) or (2, L)  the prompt's ids (sample grids and text-encoder training)
@@ -45,7 +45,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from flash_jax import frozen, pipeline
+from flash_jax import frozen, t2i
 from flash_jax.data import cache_reader, sources
 
 BUILDER_NAME = cache_reader.BUILDER_NAME
@@ -53,7 +53,7 @@ FLOAT_KEYS = ("latent_mean", "latent_std", "prompt_embeds", "pooled_prompt_embed
 DTYPES = ("float16", "float32")
 
 
-def feature_shapes(model: pipeline.T2I, image_size: int, text: bool) -> dict[str, tuple]:
+def feature_shapes(model: t2i.T2I, image_size: int, text: bool) -> dict[str, tuple]:
     """`{key: per-record shape}` of the float and token features for `model` at `image_size`."""
     _, h, w, c = model.latent_shape(1, image_size)
     shapes: dict[str, tuple] = {"latent_mean": (h, w, c), "latent_std": (h, w, c)}
@@ -117,7 +117,7 @@ class LatentCacheBuilder(tfds.core.GeneratorBasedBuilder):
         yield from self._splits[split]()
 
 
-def make_encoder(model: pipeline.T2I, text: bool, mesh: Mesh) -> Callable:
+def make_encoder(model: t2i.T2I, text: bool, mesh: Mesh) -> Callable:
     """Jitted `(vae, text_params, images (B,H,W,3) uint8, tokens) -> {FLOAT_KEYS...}` with the
     batch split over `mesh`'s "data" axis and the parameters replicated."""
 
@@ -143,7 +143,7 @@ def encoded_records(
     raw_batches: Iterator[dict[str, Any]],
     encode: Callable,
     params: tuple[Any, Any],
-    tokenizer: pipeline.Tokenizer,
+    tokenizer: t2i.Tokenizer,
     batch_size: int,
     dtype: str,
     progress: tqdm | None = None,
@@ -195,7 +195,7 @@ def prepared_dir(out: str | os.PathLike) -> Path:
     return Path(out) / BUILDER_NAME / "cache" / str(LatentCacheBuilder.VERSION)
 
 
-def native_image_size(model: pipeline.T2I) -> int:
+def native_image_size(model: t2i.T2I) -> int:
     """The image size the model was trained at: the UNet's `sample_size` x the VAE's factor."""
     if not model.unet.sample_size:
         raise ValueError("config.model.unet has no sample_size: set config.data.image_size")
@@ -212,7 +212,7 @@ def resolve_image_size(config: ml_collections.ConfigDict) -> None:
             raise ValueError("config.data.source='cache' needs config.data.data_dir")
         config.data.image_size = cache_reader.stored_image_size(config.data.data_dir)
     else:
-        config.data.image_size = native_image_size(pipeline.T2I.from_config(config))
+        config.data.image_size = native_image_size(t2i.T2I.from_config(config))
 
 
 def write_cache(
@@ -245,7 +245,7 @@ def write_cache(
     devices = jax.local_devices()
     if batch_size <= 0 or batch_size % len(devices):
         raise ValueError(f"batch_size={batch_size} must be a positive multiple of {len(devices)}")
-    model = pipeline.T2I.from_config(config)
+    model = t2i.T2I.from_config(config)
     if text and not model.pretrained and not config.get("teacher_workdir"):
         raise ValueError(
             "no frozen text encoder: set config.model.pretrained or config.teacher_workdir, or "

@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 from flash_jax.config import load_config_file, set_dotted
 from flash_jax.eval import generation, judge, metrics, paired, reporting, scoring
-from flash_jax.pipeline import T2I
+from flash_jax.t2i import T2I
 
 
 def evaluate(

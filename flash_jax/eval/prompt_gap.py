@@ -24,7 +24,7 @@ import numpy as np
 
 from flash_jax import diffusion
 from flash_jax.methods import denoising
-from flash_jax.pipeline import T2I
+from flash_jax.t2i import T2I
 
 TIMESTEPS = (50, 200, 400, 600, 800, 950)
 

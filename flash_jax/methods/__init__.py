@@ -44,7 +44,7 @@ class Method:
         inside the trainable pytree under stop-gradient: e.g. LCM's EMA target network
         `target ← μ·target + (1 − μ)·student`. Without it the update is kept as is.
       logical_axes: `() -> tree` of the models' abstract parameters with kernels boxed by their
-        logical axis names (e.g. `pipeline.T2I.logical_axes()`), or None. Parameters, optimizer
+        logical axis names (e.g. `t2i.T2I.logical_axes()`), or None. Parameters, optimizer
         state and frozen models whose paths end like an annotated kernel's are sharded by
         `config.sharding_rules` (`parallel.tree_shardings`); the rest by size.
     """

@@ -1,7 +1,7 @@
 """Pieces several methods share (this module is not a method: `config.method=common` is an error).
 
 - `frozen_loaders`, `conditioning`: the frozen teacher and VAE, and a batch's prompt embeddings
-  (cached ones when the batch carries them, `pipeline.T2I.conditioning`) with the empty prompt's.
+  (cached ones when the batch carries them, `t2i.T2I.conditioning`) with the empty prompt's.
 - `alpha_sigma`, `x0_eps_from_output`, `predict_x0`: a network's clean estimate at integer
   timesteps.
 - `LatentDiscriminator`: the LADD-style discriminator over the frozen teacher UNet's features
@@ -27,11 +27,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flash_jax import diffusion, frozen, pipeline, sampling, weights
+from flash_jax import diffusion, frozen, sampling, t2i, weights
 from flash_jax.methods import Method
 from flash_jax.models import discriminator as disc_lib
 from flash_jax.models import layers, unet
-from flash_jax.pipeline import T2I
+from flash_jax.t2i import T2I
 
 if TYPE_CHECKING:  # ml_collections is only a type here: GPU boxes without it can import this
     import ml_collections
@@ -338,7 +338,7 @@ def student_method(
         init=init,
         load_frozen=load_frozen,
         generator_loss=generator_loss,
-        prepare_batch=functools.partial(pipeline.prepare_batch, tokenizer=tokenizer, model=model),
+        prepare_batch=functools.partial(t2i.prepare_batch, tokenizer=tokenizer, model=model),
         init_discriminator=init_discriminator,
         discriminator_loss=discriminator_loss,
         sample=grid_sample(model, generate, sampler.num_steps),

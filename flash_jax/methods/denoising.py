@@ -19,9 +19,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from flash_jax import diffusion, frozen, pipeline, sampling
+from flash_jax import diffusion, frozen, sampling, t2i
 from flash_jax.methods import Method, common
-from flash_jax.pipeline import T2I
+from flash_jax.t2i import T2I
 from flash_jax.train import checkpoint
 
 
@@ -46,7 +46,7 @@ def make(config: ml_collections.ConfigDict) -> Method:
     grid_sampler = sampler_config(config.sample)
     snr_gamma = float(config.get("snr_gamma", 0.0))
 
-    prepare_batch = functools.partial(pipeline.prepare_batch, tokenizer=tokenizer, model=model)
+    prepare_batch = functools.partial(t2i.prepare_batch, tokenizer=tokenizer, model=model)
     init_from = config.get("init_from", "")
 
     @functools.cache  # init is traced for shapes, then run: read and check the file once

@@ -35,7 +35,7 @@ import numpy as np
 
 from flash_jax import diffusion, sampling
 from flash_jax.methods import Method, common
-from flash_jax.pipeline import T2I
+from flash_jax.t2i import T2I
 
 if TYPE_CHECKING:  # ml_collections is only a type here: GPU boxes without it can import this
     import ml_collections

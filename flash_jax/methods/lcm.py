@@ -37,9 +37,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flash_jax import diffusion, pipeline, sampling
+from flash_jax import diffusion, sampling, t2i
 from flash_jax.methods import Method, common
-from flash_jax.pipeline import T2I
+from flash_jax.t2i import T2I
 
 if TYPE_CHECKING:  # ml_collections is only a type here: GPU boxes without it can import this
     import ml_collections
@@ -225,7 +225,7 @@ def make(config: ml_collections.ConfigDict) -> Method:
         init=init,
         load_frozen=load_frozen,
         generator_loss=generator_loss,
-        prepare_batch=functools.partial(pipeline.prepare_batch, tokenizer=tokenizer, model=model),
+        prepare_batch=functools.partial(t2i.prepare_batch, tokenizer=tokenizer, model=model),
         sample=common.grid_sample(model, generate, lcmc.sample_steps),
         generate=generate,
         post_update=post_update,

@@ -41,9 +41,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flash_jax import diffusion, frozen, pipeline, sampling
+from flash_jax import diffusion, frozen, sampling, t2i
 from flash_jax.methods import Method, common
-from flash_jax.pipeline import T2I
+from flash_jax.t2i import T2I
 from flash_jax.train import checkpoint
 
 if TYPE_CHECKING:  # ml_collections is only a type here: GPU boxes without it can import this
@@ -248,7 +248,7 @@ def make(config: ml_collections.ConfigDict) -> Method:
         init=init,
         load_frozen=load_frozen,
         generator_loss=generator_loss,
-        prepare_batch=functools.partial(pipeline.prepare_batch, tokenizer=tokenizer, model=model),
+        prepare_batch=functools.partial(t2i.prepare_batch, tokenizer=tokenizer, model=model),
         sample=common.grid_sample(model, generate, sdc.student_steps),
         generate=generate,
         logical_axes=student_model.logical_axes,  # also covers the plain teacher's tensors
