@@ -53,8 +53,8 @@ RUNS = (
     ("IF w/o backward distillation", "if3_no_backward", f"{IMAGINE_FLASH}:3,no_backward", (3,)),
     ("IF w/o SRL", "if3_no_srl", f"{IMAGINE_FLASH}:3,no_srl", (3,)),
     ("IF, SRL with fresh noise (paper)", "if3_srl_fresh", f"{IMAGINE_FLASH}:3,srl_fresh", (3,)),
+    ("IF, uniform loss", "if3_w_uniform", f"{IMAGINE_FLASH}:3,w_uniform", (3,)),
     ("IF, α-weighted loss", "if3_w_alpha", f"{IMAGINE_FLASH}:3,w_alpha", (3,)),
-    ("IF, per-step normalized loss", "if3_w_normalized", f"{IMAGINE_FLASH}:3,w_normalized", (3,)),
     ("ADD", "add", "configs/shapes/add.py", (4,)),
     ("LCM", "lcm", "configs/shapes/lcm.py", (1, 2, 3)),
 )

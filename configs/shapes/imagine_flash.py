@@ -6,8 +6,9 @@
 Variants (comma-separated): "1", "2", "3" (student steps; default 3), "all" (one student for 1/2/3),
 the paper's ablations "no_nc", "no_disc", "no_backward", "no_srl"; "srl_fresh" (SRL re-noised
 with fresh noise, as in the paper, instead of this testbed's default, the student's own ε̂:
-docs/method.md, "Open points"); "srl_x_T" (re-noised with the sample's initial noise); "w_alpha",
-"w_normalized" (the x̂0 loss weighted by α_t, or normalized per student step); "f2" (16x16x4
+docs/method.md, "Open points"); "srl_x_T" (re-noised with the sample's initial noise); "w_uniform",
+"w_alpha", "w_normalized" (the x̂0 loss unweighted, weighted by α_t, or normalized per student step,
+the default); "f2" (16x16x4
 latents, for a teacher trained with configs/shapes/teacher.py:f2, e.g. the shipped
 assets/shapes/teacher_f2.msgpack); and "quick" / "tiny".
 """
@@ -37,6 +38,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                 "no_srl",
                 "srl_fresh",
                 "srl_x_T",
+                "w_uniform",
                 "w_alpha",
                 "w_normalized",
             ),
@@ -75,7 +77,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         c.imagine_flash.srl_noise = "fresh"
     if "srl_x_T" in variants:
         c.imagine_flash.srl_noise = "x_T"
-    for weighting in ("alpha", "normalized"):
+    for weighting in ("uniform", "alpha", "normalized"):
         if f"w_{weighting}" in variants:
             c.imagine_flash.loss_weighting = weighting
     if "quick" in variants:
