@@ -19,27 +19,34 @@ and sample grids under WORKDIR; rerunning it skips the rows already computed.
 
 Multi-process launches (SLURM, MPI, TPU pods) run the same command on every process; `--distributed`
 decides `jax.distributed.initialize()` (flash_jax/parallel.py). Exit codes of `train`: 0 finished,
-75 (`preemption.EXIT_CODE`) stopped by SIGTERM after checkpointing (rerun to resume), other = error.
+75 (`preemption.EXIT_CODE`) stopped by SIGTERM after checkpointing, or before the first step
+(rerun to resume), 130 stopped by Ctrl-C once the checkpoint in flight was written, other = error.
 """
 
 from __future__ import annotations
 
-import signal
-import sys
-from pathlib import Path
+from flash_jax.train import preemption
 
-import jax
-import numpy as np
-from absl import app, flags
-from absl import logging as absl_logging
-from PIL import Image
+# First of all, before the imports below (JAX, Orbax, TFDS: seconds): a SIGTERM or Ctrl-C during
+# start-up exits 75 / 130 instead of dying by the signal (143), so a requeue-on-75 job script also
+# reruns a run preempted while it starts. Training replaces these handlers with its own.
+preemption.exit_during_start_up()
 
-from flash_jax import config as flash_config
-from flash_jax import export, parallel, pipeline, sampling
-from flash_jax.data import cache as data_cache
-from flash_jax.eval import evaluate
-from flash_jax.pipeline import T2I
-from flash_jax.train import checkpoint, lock, loop, preemption
+import sys  # noqa: E402 - the imports after the handlers (above)
+from pathlib import Path  # noqa: E402
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+from absl import logging as absl_logging  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from flash_jax import config as flash_config  # noqa: E402
+from flash_jax import export, parallel, pipeline, sampling  # noqa: E402
+from flash_jax.data import cache as data_cache  # noqa: E402
+from flash_jax.eval import evaluate  # noqa: E402
+from flash_jax.pipeline import T2I  # noqa: E402
+from flash_jax.train import checkpoint, lock, loop  # noqa: E402
 
 _CONFIG = flags.DEFINE_string("config", None, "config file[:variant]; --config.KEY=VALUE overrides")
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics, samples)")
@@ -146,9 +153,6 @@ def load_config(overrides: list[str]):
 
 
 def main(parsed: tuple[list[str], list[str]]) -> None:
-    # Until training installs its own handler (which checkpoints first), a SIGTERM has nothing to
-    # save: exit as preempted, so a requeue-on-75 job script reruns the command.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(preemption.EXIT_CODE))
     argv, overrides = parsed
     try:
         config = load_config(overrides)
@@ -174,7 +178,7 @@ def main(parsed: tuple[list[str], list[str]]) -> None:
             sys.exit(f"error: {e}")
         except KeyboardInterrupt:  # the checkpoint in flight was finished (loop.train)
             print("interrupted; rerun the same command to resume from the last checkpoint")
-            sys.exit(130)
+            sys.exit(preemption.INTERRUPTED_EXIT_CODE)
         if int(state.step) < config.total_steps:  # stopped by SIGTERM, checkpointed
             sys.exit(preemption.EXIT_CODE)
     elif _MODE.value == "sample":

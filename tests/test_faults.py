@@ -219,6 +219,81 @@ def test_sigterm_during_start_up_exits_75(tmp_path):
     assert not (tmp_path / "metrics.jsonl").exists()
 
 
+def _main(workdir: Path, *flags: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "flash_jax.main", f"--workdir={workdir}",
+           "--config=configs/shapes/autoencoder.py:tiny", *flags]  # fmt: skip
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+
+
+def _catches_sigterm(pid: int) -> bool:
+    """Whether process `pid` has a SIGTERM handler installed (its /proc status `SigCgt` mask)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    mask = int(re.search(r"^SigCgt:\s*([0-9a-f]+)", status, re.M).group(1), 16)
+    return bool(mask & (1 << (signal.SIGTERM - 1)))
+
+
+@pytest.mark.parametrize(
+    "signum, code",
+    [(signal.SIGTERM, preemption.EXIT_CODE), (signal.SIGINT, preemption.INTERRUPTED_EXIT_CODE)],
+    ids=["SIGTERM", "SIGINT"],
+)
+def test_a_signal_while_the_entry_module_imports_exits_with_its_code(tmp_path, signum, code):
+    """The signal lands as soon as the entry module's first statement installed its handlers
+    (seen in /proc), while JAX, Orbax and TFDS are still being imported (seconds; no JAX library
+    is loaded yet): before main() has run, so no workdir exists."""
+    proc = _main(tmp_path / "run")
+    try:
+        deadline = time.monotonic() + 60
+        while not _catches_sigterm(proc.pid):
+            assert proc.poll() is None and time.monotonic() < deadline, "no handler installed"
+            time.sleep(0.001)
+        maps = Path(f"/proc/{proc.pid}/maps").read_text()
+        assert "jaxlib" not in maps, "the handlers were installed only after JAX was imported"
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == code, err[-3000:]
+    assert "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_sigint_finishes_the_checkpoint_in_flight_then_exits_130(finished, tmp_path, caplog):
+    """The probe: Ctrl-C while a run saves every 2 steps (asynchronously, so a save is usually in
+    flight when the signal lands). The run stops at the next step boundary once that save is
+    complete: no traceback, no partial checkpoint, the newest checkpoint is the last multiple of 2
+    reached and it restores, matching its digests."""
+    proc = _main(
+        tmp_path,
+        "--config.total_steps=400",
+        "--config.checkpoint_every=2",
+        "--config.sample_every=1000",
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not (tmp_path / "checkpoints" / "2").is_dir():
+            assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint written"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == preemption.INTERRUPTED_EXIT_CODE, err[-3000:]
+    assert "Traceback" not in err and "finishing the checkpoint in flight" in err
+    stopped = _metrics_steps(tmp_path)[-1]
+    assert 2 <= stopped < 400
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir() if not p.name.isdigit()] == []
+    manager = checkpoint.make_manager(tmp_path / "checkpoints", async_save=False)
+    _, expected = finished
+    state, extra = checkpoint.restore_latest(manager, checkpoint.abstract_like(expected))
+    assert extra["step"] == int(state.step) == stopped - stopped % 2
+    assert "cannot be used" not in caplog.text
+
+
 def _weights_folder(tmp_path: Path) -> Path:
     from safetensors.numpy import save_file
 
