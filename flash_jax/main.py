@@ -165,7 +165,10 @@ def main(parsed: tuple[list[str], list[str]]) -> None:
     if config is None and _MODE.value in ("train", "eval"):
         raise app.UsageError(f"--mode {_MODE.value} needs --config")
     if config is None and _MODE.value == "sample":
-        config = export.run_config(_WORKDIR.value)  # the run's own config.json
+        try:
+            config = export.run_config(_WORKDIR.value)  # the run's own config.json
+        except flash_config.ConfigError as e:
+            sys.exit(f"error: {e}")
     if _COMPILATION_CACHE.value != "none":
         default = _WORKDIR.value.rstrip("/") + "/compilation_cache"
         jax.config.update("jax_compilation_cache_dir", _COMPILATION_CACHE.value or default)

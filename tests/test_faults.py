@@ -20,9 +20,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from configs.shapes import comparison
 from configs.shapes import teacher as teacher_config
 from flash_jax import config as flash_config
-from flash_jax import weights
+from flash_jax import export, weights
+from flash_jax.eval import evaluate
 from flash_jax.train import checkpoint, lock, loop, preemption
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -199,6 +201,8 @@ def test_another_method_on_a_run_is_refused_naming_both(finished, tmp_path):
     (bad / "config.json").write_text('{"method": "autoenc')
     with pytest.raises(flash_config.ConfigError, match=f"{bad / 'config.json'}: not a JSON config"):
         loop.check_recorded_method(config, bad)
+    with pytest.raises(flash_config.ConfigError, match=f"{bad / 'config.json'}: not valid JSON"):
+        export.run_config(bad)  # --mode sample without --config
 
 
 @pytest.mark.slow
@@ -325,3 +329,65 @@ def test_unreadable_weight_files_are_named(tmp_path, fault):
     file.write_bytes({"truncated": file.read_bytes()[:100], "empty": b""}.get(fault, b'{"in_'))
     with pytest.raises(weights.WeightsError, match=re.escape(str(file))):
         weights.load_safetensors_dir(folder)
+
+
+def _eval_config(assets: Path, judge_file: Path):
+    """The tiny evaluation (16 px images) of the tiny teacher, scored by `judge_file`."""
+    config = comparison.get_config(f"tiny,assets={assets}")
+    with config.unlocked():
+        config.judge = str(judge_file)
+        config.prompt_sets, config.reference, config.teacher_reference = ("eval",), "", ""
+        config.runs = [
+            dict(label="Teacher", name="teacher", config="configs/shapes/teacher.py:tiny",
+                 workdir=str(assets / "teacher.msgpack"), steps=[1],
+                 overrides={"autoencoder_workdir": str(assets / "autoencoder.msgpack")})
+        ]  # fmt: skip
+    return config
+
+
+def _no_compute(*args, **kwargs):
+    raise AssertionError("computed before the refusal")
+
+
+def test_a_judge_of_another_image_size_is_refused_before_compute(
+    tiny_assets, tmp_path, monkeypatch
+):
+    """The probe: the shipped 32 px judge scoring 16 px images (alignment 5 % instead of 98 %)."""
+    shipped = ROOT / "assets" / "shapes" / "judge.msgpack"
+    assert evaluate.judge_image_size(shipped) == 32
+    message = (
+        f"the judge {shipped} was trained on 32px images, but the evaluation's images are 16px"
+    )
+    with pytest.raises(ValueError, match=re.escape(message)):
+        evaluate.check_judge_size(shipped, 16)
+
+    judge_file = tmp_path / "judge.msgpack"  # the tiny judge, said to be a 32 px one
+    shutil.copy(tiny_assets / "judge.msgpack", judge_file)
+    (tmp_path / "judge.json").write_text('{"image_size": 32}')
+    monkeypatch.setattr(evaluate.judge, "predict", _no_compute)
+    config = _eval_config(tiny_assets, judge_file)
+    with pytest.raises(ValueError, match=r"trained on 32px images, .* images are 16px"):
+        evaluate.run_evaluation(config, tmp_path / "eval")
+    assert not (tmp_path / "eval" / config.out_dir).exists()
+    run = tmp_path / "judge_run"  # a judge run directory: the size in its config.json
+    run.mkdir()
+    (run / "config.json").write_text('{"data": {"image_size": 16}}')
+    assert evaluate.judge_image_size(run) == 16
+    (run / "config.json").write_text('{"data": {"image_si')
+    with pytest.raises(
+        flash_config.ConfigError, match=re.escape(f"{run / 'config.json'}: not valid")
+    ):
+        evaluate.judge_image_size(run)
+
+
+def test_a_truncated_results_json_is_named_and_left_as_it_is(tiny_assets, tmp_path, monkeypatch):
+    """The probe: resuming an evaluation whose results.json was cut short."""
+    config = _eval_config(tiny_assets, tiny_assets / "judge.msgpack")
+    results = tmp_path / config.out_dir / "results.json"
+    results.parent.mkdir(parents=True)
+    text = '{"rows": {"real|0|eval": {"fd_judge": 1.'
+    results.write_text(text)
+    monkeypatch.setattr(evaluate.judge, "predict", _no_compute)
+    with pytest.raises(flash_config.ConfigError, match=re.escape(f"{results}: not valid JSON")):
+        evaluate.run_evaluation(config, tmp_path)
+    assert results.read_text() == text

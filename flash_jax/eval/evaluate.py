@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -45,11 +46,13 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from flash_jax import methods, parallel, sampling
-from flash_jax.config import load_config_file, set_dotted
+from flash_jax.config import load_config_file, read_json, set_dotted
 from flash_jax.data import shapes
 from flash_jax.eval import judge, metrics, paired
 from flash_jax.pipeline import T2I
 from flash_jax.train import checkpoint
+
+log = logging.getLogger(__name__)
 
 COLUMNS = ("fd_judge", *shapes.CATEGORIES, "mean", "chroma", "contrast", "diversity", "nfe")
 
@@ -68,8 +71,36 @@ def nfe(sampler: sampling.SamplerConfig) -> int:
     return sampler.num_steps * (2 if sampler.guidance_scale != 1.0 else 1)
 
 
-def load_judge(path: str | Path) -> tuple[Any, judge.JudgeConfig]:
-    """The judge's params and config from a run directory or a shipped `.msgpack` (assets/)."""
+def judge_image_size(path: str | Path) -> int | None:
+    """The image side the judge at `path` was trained on: `data.image_size` of its run's
+    config.json, or for a params file the `image_size` of the JSON file beside it
+    (`judge.msgpack` -> `judge.json`); None when neither exists."""
+    path = Path(path)
+    if path.suffix != ".msgpack":
+        return int(read_json(path / "config.json")["data"]["image_size"])
+    sidecar = path.with_suffix(".json")
+    return int(read_json(sidecar)["image_size"]) if sidecar.is_file() else None
+
+
+def check_judge_size(path: str | Path, image_size: int) -> None:
+    """Refuses a judge trained on another image size than the evaluation's: it would score those
+    images without complaint, and wrongly."""
+    trained = judge_image_size(path)
+    if trained is None:
+        log.warning("%s records no image size (no %s): cannot check it against %dpx images",
+                    path, Path(path).with_suffix(".json").name, image_size)  # fmt: skip
+    elif trained != image_size:
+        raise ValueError(
+            f"the judge {path} was trained on {trained}px images, but the evaluation's images are "
+            f"{image_size}px (image_size): give a judge trained on {image_size}px images"
+        )
+
+
+def load_judge(path: str | Path, image_size: int | None = None) -> tuple[Any, judge.JudgeConfig]:
+    """The judge's params and config from a run directory or a shipped `.msgpack` (assets/);
+    with `image_size`, first `check_judge_size`."""
+    if image_size is not None:
+        check_judge_size(path, image_size)
     if Path(path).suffix == ".msgpack":
         params = checkpoint.load_params(path)
         return params, judge.config_from_params(params)
@@ -189,7 +220,7 @@ def evaluate(
     image_size: int = 32,
 ) -> tuple[dict[str, dict[str, float]], dict[str, np.ndarray], list[str]]:
     """`(rows, images, captions)`: a metrics row and the generated images per entry (plus "real")."""
-    judge_params, judge_config = load_judge(judge_workdir)
+    judge_params, judge_config = load_judge(judge_workdir, image_size)
     real, labels = judge.real_examples(split, num_images, data_seed, image_size)
     captions = [str(c) for c in labels["caption"]]
     tokens = model.tokenizer()(captions)
@@ -262,7 +293,8 @@ def write_report(
 # ------------------------------------------------------------ trained runs × steps (--mode eval)
 
 EVAL_KEYS = {
-    "judge": "judge run directory or params file (assets/shapes/judge.msgpack)",
+    "judge": "judge run directory or params file (assets/shapes/judge.msgpack, its image size in "
+    "judge.json beside it); must have been trained on image_size images",
     "num_images": "prompts per prompt set (one image per prompt and noise seed)",
     "prompt_sets": "Shapes splits whose captions are the prompts ('eval', 'heldout')",
     "noise_seeds": "initial-noise seeds (>= 2 for the diversity column)",
@@ -339,7 +371,7 @@ def run_config(run: RunSpec, root: Path) -> ml_collections.ConfigDict:
     if run.config:
         config = load_config_file(run.config)
     elif (workdir / "config.json").is_file():
-        config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+        config = ml_collections.ConfigDict(read_json(workdir / "config.json"))
     else:
         raise FileNotFoundError(
             f"run {run.name!r}: {workdir} has no config.json; give the run a 'config' file"
@@ -467,6 +499,17 @@ def _write_json(path: Path, data: Any) -> None:
     tmp.replace(path)  # atomic: an interrupted write never leaves a truncated file
 
 
+def _done_rows(results_path: Path) -> dict[str, dict]:
+    """The rows an earlier evaluation wrote to `results_path` (none if it does not exist)."""
+    if not results_path.is_file():
+        return {}
+    hint = "move it away to recompute every row"
+    data = read_json(results_path, hint)
+    if not isinstance(data, dict) or not isinstance(data.get("rows"), dict):
+        raise ValueError(f"{results_path}: no 'rows' object; {hint}")
+    return data["rows"]
+
+
 def run_evaluation(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, dict]:
     """Evaluates `config.runs` (see `EVAL_KEYS`, `RunSpec`) under `workdir`; returns the rows.
 
@@ -489,13 +532,14 @@ def run_evaluation(config: ml_collections.ConfigDict, workdir: str | Path) -> di
                 f"run {r.name!r} generates {configs[r.name].data.image_size}px images; "
                 f"eval config image_size={config.image_size}"
             )
+    judge_path = _resolve(config.judge, root, "eval config judge")
+    judge_params, judge_config = load_judge(judge_path, config.image_size)
     seeds = [int(s) for s in config.noise_seeds]
     out_dir = root / config.out_dir
     (out_dir / "tiles").mkdir(parents=True, exist_ok=True)
     results_path = out_dir / "results.json"
-    rows = json.loads(results_path.read_text())["rows"] if results_path.is_file() else {}
+    rows = _done_rows(results_path)
 
-    judge_params, judge_config = load_judge(_resolve(config.judge, root, "eval config judge"))
     prompt_sets = {
         name: load_prompt_set(
             name, config.num_images, config.data_seed, config.image_size, judge_params, judge_config

@@ -63,6 +63,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flash_jax.config import read_json
 from flash_jax.data import shapes
 from flash_jax.models import layers
 
@@ -541,7 +542,7 @@ def load_judge(workdir: str | Path) -> tuple[Any, JudgeConfig, dict[str, Any]]:
     checkpoint; `run_config` is the run's `config.json` as a dict)."""
     from flash_jax.train import checkpoint
 
-    run_config = json.loads((Path(workdir) / "config.json").read_text())
+    run_config = read_json(Path(workdir) / "config.json")
     config = JudgeConfig.from_dict(run_config["model"]["judge"])
     return checkpoint.load_params(workdir), config, run_config
 
