@@ -19,6 +19,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+import tensorflow_datasets as tfds
+from PIL import Image
 
 from configs.shapes import comparison
 from configs.shapes import teacher as teacher_config
@@ -391,3 +393,43 @@ def test_a_truncated_results_json_is_named_and_left_as_it_is(tiny_assets, tmp_pa
     with pytest.raises(flash_config.ConfigError, match=re.escape(f"{results}: not valid JSON")):
         evaluate.run_evaluation(config, tmp_path)
     assert results.read_text() == text
+
+
+@pytest.mark.parametrize("fault", ["truncated", "emptied", "deleted"])
+def test_a_damaged_dataset_record_file_is_named(tmp_path, fault):
+    """The probe: a prepared Shapes dataset whose train `array_record` file is cut in half (or
+    emptied, or deleted)."""
+    from flash_jax.data import sources
+
+    prepared = sources.build_shapes_tfds(
+        tmp_path, image_size=16, num_records={"train": 32, "eval": 8, "heldout": 8}
+    )
+    (file,) = prepared.glob("*-train.array_record-*")
+    data = file.read_bytes()
+    if fault == "deleted":
+        file.unlink()
+    else:
+        file.write_bytes(data[: len(data) // 2] if fault == "truncated" else b"")
+    if fault == "truncated":  # the reader alone returns an empty record, without an error
+        reader = tfds.builder_from_directory(str(prepared)).as_data_source("train").data_source
+        assert reader[0] == b""
+    with pytest.raises(ValueError, match=re.escape(f"{file}: cannot be read (missing, truncated")):
+        sources.make_shapes_dataset(prepared, "train", batch_size=4, seed=0)
+    (eval_file,) = prepared.glob("*-eval.array_record-*")  # the other splits still read
+    assert len(sources.tfds_source(prepared, "eval")) == 8 and eval_file.is_file()
+
+
+def test_a_truncated_image_caption_record_file_is_named(tmp_path):
+    """The same fault in a dataset built from a user's folder of images and captions."""
+    from flash_jax.data import captions
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(f"picture {i}")
+    prepared = captions.build_image_caption_tfds(folder, tmp_path / "tfds")
+    (file,) = prepared.glob("*-train.array_record-*")
+    file.write_bytes(file.read_bytes()[:100])
+    with pytest.raises(ValueError, match=re.escape(f"{file}: cannot be read")):
+        captions.make_caption_dataset(prepared, "train", batch_size=2, seed=0, image_size=8)
