@@ -95,18 +95,26 @@ def read_prompts(spec: str) -> list[str]:
     return prompts
 
 
+def sample_path(workdir: str, out: str) -> Path:
+    """The grid PNG of `--mode sample`: `out`, else `WORKDIR/samples/sample.png`, or for a params
+    file (`.msgpack`) as WORKDIR, `NAME_sample.png` beside it."""
+    if out:
+        return Path(out)
+    if Path(workdir).is_file():
+        return Path(workdir).with_name(f"{Path(workdir).stem}_sample.png")
+    return Path(workdir) / "samples" / "sample.png"
+
+
 def sample(config, workdir: str) -> Path:
+    """Draws `--prompts` with the run's EMA parameters; writes the grid and one PNG per prompt.
+    Flags, the prompts file and the run's recorded method are checked before compute."""
     prompts = read_prompts(_PROMPTS.value)
     if not np.isfinite(_GUIDANCE.value) or _GUIDANCE.value < 0:
         raise app.UsageError(f"--guidance {_GUIDANCE.value}: must be finite and >= 0 (1 = no CFG)")
     if _STEPS.value < 1:
         raise app.UsageError(f"--steps {_STEPS.value}: must be >= 1")
     loop.check_recorded_method(config, workdir)
-    # Decided before compute; a params file (.msgpack) as --workdir gets its grid beside it.
-    default = Path(workdir) / "samples" / "sample.png"
-    if Path(workdir).is_file():
-        default = Path(workdir).with_name(f"{Path(workdir).stem}_sample.png")
-    out = Path(_OUT.value or default)
+    out = sample_path(workdir, _OUT.value)  # decided, and its folder made, before compute
     out.parent.mkdir(parents=True, exist_ok=True)
     model = T2I.from_config(config)
     params = checkpoint.load_params(workdir)
@@ -185,7 +193,10 @@ def main(parsed: tuple[list[str], list[str]]) -> None:
         if int(state.step) < config.total_steps:  # stopped by SIGTERM, checkpointed
             sys.exit(preemption.EXIT_CODE)
     elif _MODE.value == "sample":
-        sample(config, _WORKDIR.value)
+        try:
+            sample(config, _WORKDIR.value)
+        except (flash_config.ConfigError, checkpoint.CheckpointError) as e:
+            sys.exit(f"error: {e}")
     elif _MODE.value == "eval":
         evaluate.run_evaluation(config, _WORKDIR.value)
     elif _MODE.value == "export":

@@ -433,3 +433,52 @@ def test_a_truncated_image_caption_record_file_is_named(tmp_path):
     file.write_bytes(file.read_bytes()[:100])
     with pytest.raises(ValueError, match=re.escape(f"{file}: cannot be read")):
         captions.make_caption_dataset(prepared, "train", batch_size=2, seed=0, image_size=8)
+
+
+def _sample(workdir: Path, *flags: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "flash_jax.main", "--mode=sample", f"--workdir={workdir}", *flags]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--guidance=nan"], "--guidance nan: must be finite and >= 0"),
+        (["--guidance=-2"], "--guidance -2.0: must be finite and >= 0"),
+        (["--steps=0"], "--steps 0: must be >= 1"),
+        (["--prompts=@no_such_prompts.txt"], "--prompts @no_such_prompts.txt: no such file"),
+        (
+            ["--config=configs/shapes/imagine_flash.py:tiny"],
+            "holds a 'denoising' run (RUN/config.json) but the config's method is 'imagine_flash'",
+        ),
+    ],
+    ids=["guidance nan", "negative guidance", "steps 0", "missing prompts file", "method"],
+)
+def test_sample_refuses_bad_flags_before_compute(tmp_path, flags, message):
+    """The probes of `--mode sample`; the run holds a teacher's config.json and no checkpoint,
+    so anything past the checks would fail on the missing checkpoint instead."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(teacher_config.get_config("tiny").to_json())
+    done = _sample(run, "--prompts=a red circle", "--config=configs/shapes/teacher.py:tiny", *flags)
+    assert done.returncode != 0
+    assert message.replace("RUN", str(run)) in done.stderr, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and not (run / "samples").exists()
+
+
+def test_sample_from_a_params_file_without_out_writes_beside_it(tiny_assets, tmp_path):
+    """The probe: `--mode sample` on a `.msgpack` without `--out` (the grid went under the file)."""
+    params = tmp_path / "teacher.msgpack"
+    shutil.copy(tiny_assets / "teacher.msgpack", params)
+    done = _sample(
+        params,
+        "--prompts=a red circle",
+        "--steps=1",
+        "--config=configs/shapes/teacher.py:tiny",
+        f"--config.autoencoder_workdir={tiny_assets / 'autoencoder.msgpack'}",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "teacher.msgpack", "teacher_sample.png", "teacher_sample_0.png"
+    ]  # fmt: skip
