@@ -13,6 +13,7 @@ from __future__ import annotations
 import ast
 import difflib
 import importlib.util
+import json
 import math
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -26,6 +27,20 @@ OVERRIDE_PREFIX = "--config."
 
 class ConfigError(ValueError):
     """A config file, key or value that cannot be used; the message names it."""
+
+
+def read_json(path: str | Path, hint: str = "") -> Any:
+    """The JSON value stored in `path` (a run's config.json, an evaluation's results.json...).
+
+    Raises:
+      ConfigError: the file is missing, unreadable or not complete JSON, naming it (then `hint`,
+        what to do about it).
+    """
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) else f"not valid JSON ({e})"
+        raise ConfigError(f"{path}: {reason}" + (f"; {hint}" if hint else "")) from None
 
 
 def load_config_file(spec: str) -> ml_collections.ConfigDict:

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import jax.numpy as jnp
 import numpy as np
 
+from flash_jax import config as flash_config
 from flash_jax import diffusion, weights
 from flash_jax.t2i import T2I
 from flash_jax.train import checkpoint
@@ -66,7 +67,7 @@ def run_config(workdir: str | Path) -> ml_collections.ConfigDict:
     path = Path(workdir) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file ({workdir} is not a training run's workdir)")
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
+    return ml_collections.ConfigDict(flash_config.read_json(path))
 
 
 def scheduler_config(config: ml_collections.ConfigDict) -> dict[str, Any]:

@@ -19,28 +19,35 @@ and sample grids under WORKDIR; rerunning it skips the rows already computed.
 
 Multi-process launches (SLURM, MPI, TPU pods) run the same command on every process; `--distributed`
 decides `jax.distributed.initialize()` (flash_jax/parallel.py). Exit codes of `train`: 0 finished,
-75 (`preemption.EXIT_CODE`) stopped by SIGTERM after checkpointing (rerun to resume), other = error.
+75 (`preemption.EXIT_CODE`) stopped by SIGTERM after checkpointing, or before the first step
+(rerun to resume), 130 stopped by Ctrl-C once the checkpoint in flight was written, other = error.
 Library logs (absl: Orbax, JAX) show from WARNING up; `--verbosity=0` shows their INFO lines too.
 """
 
 from __future__ import annotations
 
-import signal
-import sys
-from pathlib import Path
+from flash_jax.train import preemption
 
-import jax
-import numpy as np
-from absl import app, flags
-from absl import logging as absl_logging
-from PIL import Image
+# First of all, before the imports below (JAX, Orbax, TFDS: seconds): a SIGTERM or Ctrl-C during
+# start-up exits 75 / 130 instead of dying by the signal (143), so a requeue-on-75 job script also
+# reruns a run preempted while it starts. Training replaces these handlers with its own.
+preemption.exit_during_start_up()
 
-from flash_jax import config as flash_config
-from flash_jax import export, frozen, parallel, sampling
-from flash_jax.data import cache as data_cache
-from flash_jax.eval import evaluate
-from flash_jax.t2i import T2I
-from flash_jax.train import checkpoint, lock, loop, preemption
+import sys  # noqa: E402 - the imports after the handlers (above)
+from pathlib import Path  # noqa: E402
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+from absl import logging as absl_logging  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from flash_jax import config as flash_config  # noqa: E402
+from flash_jax import export, frozen, parallel, sampling  # noqa: E402
+from flash_jax.data import cache as data_cache  # noqa: E402
+from flash_jax.eval import evaluate  # noqa: E402
+from flash_jax.t2i import T2I  # noqa: E402
+from flash_jax.train import checkpoint, lock, loop  # noqa: E402
 
 _CONFIG = flags.DEFINE_string("config", None, "config file[:variant]; --config.KEY=VALUE overrides")
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics, samples)")
@@ -89,18 +96,26 @@ def read_prompts(spec: str) -> list[str]:
     return prompts
 
 
+def sample_path(workdir: str, out: str) -> Path:
+    """The grid PNG of `--mode sample`: `out`, else `WORKDIR/samples/sample.png`, or for a params
+    file (`.msgpack`) as WORKDIR, `NAME_sample.png` beside it."""
+    if out:
+        return Path(out)
+    if Path(workdir).is_file():
+        return Path(workdir).with_name(f"{Path(workdir).stem}_sample.png")
+    return Path(workdir) / "samples" / "sample.png"
+
+
 def sample(config, workdir: str) -> Path:
+    """Draws `--prompts` with the run's EMA parameters; writes the grid and one PNG per prompt.
+    Flags, the prompts file and the run's recorded method are checked before compute."""
     prompts = read_prompts(_PROMPTS.value)
     if not np.isfinite(_GUIDANCE.value) or _GUIDANCE.value < 0:
         raise app.UsageError(f"--guidance {_GUIDANCE.value}: must be finite and >= 0 (1 = no CFG)")
     if _STEPS.value < 1:
         raise app.UsageError(f"--steps {_STEPS.value}: must be >= 1")
     loop.check_recorded_method(config, workdir)
-    # Decided before compute; a params file (.msgpack) as --workdir gets its grid beside it.
-    default = Path(workdir) / "samples" / "sample.png"
-    if Path(workdir).is_file():
-        default = Path(workdir).with_name(f"{Path(workdir).stem}_sample.png")
-    out = Path(_OUT.value or default)
+    out = sample_path(workdir, _OUT.value)  # decided, and its folder made, before compute
     out.parent.mkdir(parents=True, exist_ok=True)
     model = T2I.from_config(config)
     params = checkpoint.load_params(workdir)
@@ -147,9 +162,6 @@ def load_config(overrides: list[str]):
 
 
 def main(parsed: tuple[list[str], list[str]]) -> None:
-    # Until training installs its own handler (which checkpoints first), a SIGTERM has nothing to
-    # save: exit as preempted, so a requeue-on-75 job script reruns the command.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(preemption.EXIT_CODE))
     argv, overrides = parsed
     try:
         config = load_config(overrides)
@@ -163,7 +175,10 @@ def main(parsed: tuple[list[str], list[str]]) -> None:
     if config is None and _MODE.value in ("train", "eval"):
         raise app.UsageError(f"--mode {_MODE.value} needs --config")
     if config is None and _MODE.value == "sample":
-        config = export.run_config(_WORKDIR.value)  # the run's own config.json
+        try:
+            config = export.run_config(_WORKDIR.value)  # the run's own config.json
+        except flash_config.ConfigError as e:
+            sys.exit(f"error: {e}")
     if _COMPILATION_CACHE.value != "none":
         default = _WORKDIR.value.rstrip("/") + "/compilation_cache"
         jax.config.update("jax_compilation_cache_dir", _COMPILATION_CACHE.value or default)
@@ -176,11 +191,14 @@ def main(parsed: tuple[list[str], list[str]]) -> None:
             sys.exit(f"error: {e}")
         except KeyboardInterrupt:  # the checkpoint in flight was finished (loop.train)
             print("interrupted; rerun the same command to resume from the last checkpoint")
-            sys.exit(130)
+            sys.exit(preemption.INTERRUPTED_EXIT_CODE)
         if int(state.step) < config.total_steps:  # stopped by SIGTERM, checkpointed
             sys.exit(preemption.EXIT_CODE)
     elif _MODE.value == "sample":
-        sample(config, _WORKDIR.value)
+        try:
+            sample(config, _WORKDIR.value)
+        except (flash_config.ConfigError, checkpoint.CheckpointError) as e:
+            sys.exit(f"error: {e}")
     elif _MODE.value == "eval":
         evaluate.run_evaluation(config, _WORKDIR.value)
     elif _MODE.value == "export":

@@ -1,5 +1,6 @@
 """Test-session setup: a persistent XLA compilation cache shared by every test process, and the
-`tiny_assets` fixture (random-weight tiny models saved as parameter files).
+`tiny_assets` fixture (random-weight tiny models saved as parameter files, and the judge's image
+size beside it, as in assets/shapes).
 
 The trainer tests compile the same tiny programs in several processes (resume after SIGKILL, CLI
 refusals); caching the executables keeps the suite within its time budget on 2 cores. So does
@@ -54,4 +55,5 @@ def tiny_assets(tmp_path_factory):
     for name, tree in trees.items():
         data = flax.serialization.msgpack_serialize(jax.tree.map(np.asarray, tree))
         (directory / f"{name}.msgpack").write_bytes(data)
+    (directory / "judge.json").write_text(f'{{"image_size": {config.data.image_size}}}')
     return directory

@@ -19,10 +19,14 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+import tensorflow_datasets as tfds
+from PIL import Image
 
+from configs.shapes import comparison
 from configs.shapes import teacher as teacher_config
 from flash_jax import config as flash_config
-from flash_jax import weights
+from flash_jax import export, weights
+from flash_jax.eval import evaluate, judge
 from flash_jax.train import checkpoint, lock, loop, preemption
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -199,6 +203,8 @@ def test_another_method_on_a_run_is_refused_naming_both(finished, tmp_path):
     (bad / "config.json").write_text('{"method": "autoenc')
     with pytest.raises(flash_config.ConfigError, match=f"{bad / 'config.json'}: not a JSON config"):
         loop.check_recorded_method(config, bad)
+    with pytest.raises(flash_config.ConfigError, match=f"{bad / 'config.json'}: not valid JSON"):
+        export.run_config(bad)  # --mode sample without --config
 
 
 @pytest.mark.slow
@@ -217,6 +223,81 @@ def test_sigterm_during_start_up_exits_75(tmp_path):
     assert proc.returncode == preemption.EXIT_CODE, err[-3000:]
     assert "SIGTERM during start-up: stopped before step 1" in err
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def _main(workdir: Path, *flags: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "flash_jax.main", f"--workdir={workdir}",
+           "--config=configs/shapes/autoencoder.py:tiny", *flags]  # fmt: skip
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+
+
+def _catches_sigterm(pid: int) -> bool:
+    """Whether process `pid` has a SIGTERM handler installed (its /proc status `SigCgt` mask)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    mask = int(re.search(r"^SigCgt:\s*([0-9a-f]+)", status, re.M).group(1), 16)
+    return bool(mask & (1 << (signal.SIGTERM - 1)))
+
+
+@pytest.mark.parametrize(
+    "signum, code",
+    [(signal.SIGTERM, preemption.EXIT_CODE), (signal.SIGINT, preemption.INTERRUPTED_EXIT_CODE)],
+    ids=["SIGTERM", "SIGINT"],
+)
+def test_a_signal_while_the_entry_module_imports_exits_with_its_code(tmp_path, signum, code):
+    """The signal lands as soon as the entry module's first statement installed its handlers
+    (seen in /proc), while JAX, Orbax and TFDS are still being imported (seconds; no JAX library
+    is loaded yet): before main() has run, so no workdir exists."""
+    proc = _main(tmp_path / "run")
+    try:
+        deadline = time.monotonic() + 60
+        while not _catches_sigterm(proc.pid):
+            assert proc.poll() is None and time.monotonic() < deadline, "no handler installed"
+            time.sleep(0.001)
+        maps = Path(f"/proc/{proc.pid}/maps").read_text()
+        assert "jaxlib" not in maps, "the handlers were installed only after JAX was imported"
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == code, err[-3000:]
+    assert "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_sigint_finishes_the_checkpoint_in_flight_then_exits_130(finished, tmp_path, caplog):
+    """The probe: Ctrl-C while a run saves every 2 steps (asynchronously, so a save is usually in
+    flight when the signal lands). The run stops at the next step boundary once that save is
+    complete: no traceback, no partial checkpoint, the newest checkpoint is the last multiple of 2
+    reached and it restores, matching its digests."""
+    proc = _main(
+        tmp_path,
+        "--config.total_steps=400",
+        "--config.checkpoint_every=2",
+        "--config.sample_every=1000",
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not (tmp_path / "checkpoints" / "2").is_dir():
+            assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint written"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == preemption.INTERRUPTED_EXIT_CODE, err[-3000:]
+    assert "Traceback" not in err and "finishing the checkpoint in flight" in err
+    stopped = _metrics_steps(tmp_path)[-1]
+    assert 2 <= stopped < 400
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir() if not p.name.isdigit()] == []
+    manager = checkpoint.make_manager(tmp_path / "checkpoints", async_save=False)
+    _, expected = finished
+    state, extra = checkpoint.restore_latest(manager, checkpoint.abstract_like(expected))
+    assert extra["step"] == int(state.step) == stopped - stopped % 2
+    assert "cannot be used" not in caplog.text
 
 
 def _weights_folder(tmp_path: Path) -> Path:
@@ -250,3 +331,157 @@ def test_unreadable_weight_files_are_named(tmp_path, fault):
     file.write_bytes({"truncated": file.read_bytes()[:100], "empty": b""}.get(fault, b'{"in_'))
     with pytest.raises(weights.WeightsError, match=re.escape(str(file))):
         weights.load_safetensors_dir(folder)
+
+
+def _eval_config(assets: Path, judge_file: Path):
+    """The tiny evaluation (16 px images) of the tiny teacher, scored by `judge_file`."""
+    config = comparison.get_config(f"tiny,assets={assets}")
+    with config.unlocked():
+        config.judge = str(judge_file)
+        config.prompt_sets, config.reference, config.teacher_reference = ("eval",), "", ""
+        config.runs = [
+            dict(label="Teacher", name="teacher", config="configs/shapes/teacher.py:tiny",
+                 workdir=str(assets / "teacher.msgpack"), steps=[1],
+                 overrides={"autoencoder_workdir": str(assets / "autoencoder.msgpack")})
+        ]  # fmt: skip
+    return config
+
+
+def _no_compute(*args, **kwargs):
+    raise AssertionError("computed before the refusal")
+
+
+def test_a_judge_of_another_image_size_is_refused_before_compute(
+    tiny_assets, tmp_path, monkeypatch
+):
+    """The probe: the shipped 32 px judge scoring 16 px images (alignment 5 % instead of 98 %)."""
+    shipped = ROOT / "assets" / "shapes" / "judge.msgpack"
+    assert judge.judge_image_size(shipped) == 32
+    message = (
+        f"the judge {shipped} was trained on 32px images, but the evaluation's images are 16px"
+    )
+    with pytest.raises(ValueError, match=re.escape(message)):
+        judge.check_judge_size(shipped, 16)
+
+    judge_file = tmp_path / "judge.msgpack"  # the tiny judge, said to be a 32 px one
+    shutil.copy(tiny_assets / "judge.msgpack", judge_file)
+    (tmp_path / "judge.json").write_text('{"image_size": 32}')
+    monkeypatch.setattr(evaluate.judge, "predict", _no_compute)
+    config = _eval_config(tiny_assets, judge_file)
+    with pytest.raises(ValueError, match=r"trained on 32px images, .* images are 16px"):
+        evaluate.run_evaluation(config, tmp_path / "eval")
+    assert not (tmp_path / "eval" / config.out_dir).exists()
+    run = tmp_path / "judge_run"  # a judge run directory: the size in its config.json
+    run.mkdir()
+    (run / "config.json").write_text('{"data": {"image_size": 16}}')
+    assert judge.judge_image_size(run) == 16
+    (run / "config.json").write_text('{"data": {"image_si')
+    with pytest.raises(
+        flash_config.ConfigError, match=re.escape(f"{run / 'config.json'}: not valid")
+    ):
+        judge.judge_image_size(run)
+
+
+def test_a_truncated_results_json_is_named_and_left_as_it_is(tiny_assets, tmp_path, monkeypatch):
+    """The probe: resuming an evaluation whose results.json was cut short."""
+    config = _eval_config(tiny_assets, tiny_assets / "judge.msgpack")
+    results = tmp_path / config.out_dir / "results.json"
+    results.parent.mkdir(parents=True)
+    text = '{"rows": {"real|0|eval": {"fd_judge": 1.'
+    results.write_text(text)
+    monkeypatch.setattr(evaluate.judge, "predict", _no_compute)
+    with pytest.raises(flash_config.ConfigError, match=re.escape(f"{results}: not valid JSON")):
+        evaluate.run_evaluation(config, tmp_path)
+    assert results.read_text() == text
+
+
+@pytest.mark.parametrize("fault", ["truncated", "emptied", "deleted"])
+def test_a_damaged_dataset_record_file_is_named(tmp_path, fault):
+    """The probe: a prepared Shapes dataset whose train `array_record` file is cut in half (or
+    emptied, or deleted)."""
+    from flash_jax.data import datasets, sources
+
+    prepared = sources.build_shapes_tfds(
+        tmp_path, image_size=16, num_records={"train": 32, "eval": 8, "heldout": 8}
+    )
+    (file,) = prepared.glob("*-train.array_record-*")
+    data = file.read_bytes()
+    if fault == "deleted":
+        file.unlink()
+    else:
+        file.write_bytes(data[: len(data) // 2] if fault == "truncated" else b"")
+    if fault == "truncated":  # the reader alone returns an empty record, without an error
+        reader = tfds.builder_from_directory(str(prepared)).as_data_source("train").data_source
+        assert reader[0] == b""
+    with pytest.raises(ValueError, match=re.escape(f"{file}: cannot be read (missing, truncated")):
+        sources.make_shapes_dataset(prepared, "train", batch_size=4, seed=0)
+    (eval_file,) = prepared.glob("*-eval.array_record-*")  # the other splits still read
+    assert (
+        len(datasets.tfds_source(prepared, "eval", sources.ShapesBuilder.name)) == 8
+        and eval_file.is_file()
+    )
+
+
+def test_a_truncated_image_caption_record_file_is_named(tmp_path):
+    """The same fault in a dataset built from a user's folder of images and captions."""
+    from flash_jax.data import captions
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(f"picture {i}")
+    prepared = captions.build_image_caption_tfds(folder, tmp_path / "tfds")
+    (file,) = prepared.glob("*-train.array_record-*")
+    file.write_bytes(file.read_bytes()[:100])
+    with pytest.raises(ValueError, match=re.escape(f"{file}: cannot be read")):
+        captions.make_caption_dataset(prepared, "train", batch_size=2, seed=0, image_size=8)
+
+
+def _sample(workdir: Path, *flags: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "flash_jax.main", "--mode=sample", f"--workdir={workdir}", *flags]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--guidance=nan"], "--guidance nan: must be finite and >= 0"),
+        (["--guidance=-2"], "--guidance -2.0: must be finite and >= 0"),
+        (["--steps=0"], "--steps 0: must be >= 1"),
+        (["--prompts=@no_such_prompts.txt"], "--prompts @no_such_prompts.txt: no such file"),
+        (
+            ["--config=configs/shapes/imagine_flash.py:tiny"],
+            "holds a 'denoising' run (RUN/config.json) but the config's method is 'imagine_flash'",
+        ),
+    ],
+    ids=["guidance nan", "negative guidance", "steps 0", "missing prompts file", "method"],
+)
+def test_sample_refuses_bad_flags_before_compute(tmp_path, flags, message):
+    """The probes of `--mode sample`; the run holds a teacher's config.json and no checkpoint,
+    so anything past the checks would fail on the missing checkpoint instead."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(teacher_config.get_config("tiny").to_json())
+    done = _sample(run, "--prompts=a red circle", "--config=configs/shapes/teacher.py:tiny", *flags)
+    assert done.returncode != 0
+    assert message.replace("RUN", str(run)) in done.stderr, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and not (run / "samples").exists()
+
+
+def test_sample_from_a_params_file_without_out_writes_beside_it(tiny_assets, tmp_path):
+    """The probe: `--mode sample` on a `.msgpack` without `--out` (the grid went under the file)."""
+    params = tmp_path / "teacher.msgpack"
+    shutil.copy(tiny_assets / "teacher.msgpack", params)
+    done = _sample(
+        params,
+        "--prompts=a red circle",
+        "--steps=1",
+        "--config=configs/shapes/teacher.py:tiny",
+        f"--config.autoencoder_workdir={tiny_assets / 'autoencoder.msgpack'}",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "teacher.msgpack", "teacher_sample.png", "teacher_sample_0.png"
+    ]  # fmt: skip

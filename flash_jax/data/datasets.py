@@ -39,10 +39,38 @@ def tfds_source(data_dir: str | os.PathLike, split: str, builder_name: str):
     `builder_name` dataset. Elements come out as stored
     (text as bytes); the pipelines normalise them.
     """
-    builder = tfds.builder_from_directory(os.fspath(find_prepared(data_dir, builder_name)))
+    prepared = find_prepared(data_dir, builder_name)
+    builder = tfds.builder_from_directory(os.fspath(prepared))
     if split not in builder.info.splits:
         raise ValueError(f"split {split!r} not in {sorted(builder.info.splits)} at {data_dir}")
+    if builder.info.file_format == tfds.core.FileFormat.ARRAY_RECORD:
+        check_record_files(builder.info.splits[split].file_instructions, prepared)
     return builder.as_data_source(split)
+
+
+def check_record_files(instructions: Any, prepared: Path) -> None:
+    """Raises ValueError naming the first `array_record` file of `instructions` (a split's TFDS
+    file instructions) that is missing, truncated or does not hold its records; the reader would
+    return empty records from it without an error."""
+    from array_record.python import array_record_module
+
+    for instruction in instructions:
+        reader = array_record_module.ArrayRecordReader(os.fspath(instruction.filename))
+        ok = reader.ok()
+        count = reader.num_records() if ok else 0
+        if ok:  # closing a reader that failed to open raises
+            reader.close()
+        expected = instruction.examples_in_shard
+        if not ok or count != expected:
+            problem = (
+                f"holds {count} records, not {expected}"
+                if ok
+                else f"cannot be read (missing, truncated or damaged; it should hold {expected} "
+                "records)"
+            )
+            raise ValueError(
+                f"{instruction.filename}: {problem}; delete {prepared} and build the dataset again"
+            )
 
 
 def host_shard() -> tuple[int, int]:

@@ -40,7 +40,7 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from flash_jax.config import load_config_file, set_dotted
+from flash_jax.config import load_config_file, read_json, set_dotted
 from flash_jax.eval import generation, judge, metrics, paired, reporting, scoring
 from flash_jax.t2i import T2I
 
@@ -59,7 +59,7 @@ def evaluate(
     image_size: int = 32,
 ) -> tuple[dict[str, dict[str, float]], dict[str, np.ndarray], list[str]]:
     """`(rows, images, captions)`: a metrics row and the generated images per entry (plus "real")."""
-    judge_params, judge_config = judge.load_judge(judge_workdir)
+    judge_params, judge_config = judge.load_judge(judge_workdir, image_size)
     real, labels = judge.real_examples(split, num_images, data_seed, image_size)
     captions = [str(c) for c in labels["caption"]]
     tokens = model.tokenizer()(captions)
@@ -88,7 +88,8 @@ def evaluate(
 # ------------------------------------------------------------ trained runs × steps (--mode eval)
 
 EVAL_KEYS = {
-    "judge": "judge run directory or params file (assets/shapes/judge.msgpack)",
+    "judge": "judge run directory or params file (assets/shapes/judge.msgpack, its image size in "
+    "judge.json beside it); must have been trained on image_size images",
     "num_images": "prompts per prompt set (one image per prompt and noise seed)",
     "prompt_sets": "Shapes splits whose captions are the prompts ('eval', 'heldout')",
     "noise_seeds": "initial-noise seeds (>= 2 for the diversity column)",
@@ -165,7 +166,7 @@ def run_config(run: RunSpec, root: Path) -> ml_collections.ConfigDict:
     if run.config:
         config = load_config_file(run.config)
     elif (workdir / "config.json").is_file():
-        config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+        config = ml_collections.ConfigDict(read_json(workdir / "config.json"))
     else:
         raise FileNotFoundError(
             f"run {run.name!r}: {workdir} has no config.json; give the run a 'config' file"
@@ -194,6 +195,17 @@ def _write_json(path: Path, data: Any) -> None:
     tmp.replace(path)  # atomic: an interrupted write never leaves a truncated file
 
 
+def _done_rows(results_path: Path) -> dict[str, dict]:
+    """The rows an earlier evaluation wrote to `results_path` (none if it does not exist)."""
+    if not results_path.is_file():
+        return {}
+    hint = "move it away to recompute every row"
+    data = read_json(results_path, hint)
+    if not isinstance(data, dict) or not isinstance(data.get("rows"), dict):
+        raise ValueError(f"{results_path}: no 'rows' object; {hint}")
+    return data["rows"]
+
+
 def run_evaluation(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, dict]:
     """Evaluates `config.runs` (see `EVAL_KEYS`, `RunSpec`) under `workdir`; returns the rows.
 
@@ -216,13 +228,14 @@ def run_evaluation(config: ml_collections.ConfigDict, workdir: str | Path) -> di
                 f"run {r.name!r} generates {configs[r.name].data.image_size}px images; "
                 f"eval config image_size={config.image_size}"
             )
+    judge_path = _resolve(config.judge, root, "eval config judge")
+    judge_params, judge_config = judge.load_judge(judge_path, config.image_size)
     seeds = [int(s) for s in config.noise_seeds]
     out_dir = root / config.out_dir
     (out_dir / "tiles").mkdir(parents=True, exist_ok=True)
     results_path = out_dir / "results.json"
-    rows = json.loads(results_path.read_text())["rows"] if results_path.is_file() else {}
+    rows = _done_rows(results_path)
 
-    judge_params, judge_config = judge.load_judge(_resolve(config.judge, root, "eval config judge"))
     prompt_sets = {
         name: scoring.load_prompt_set(
             name, config.num_images, config.data_seed, config.image_size, judge_params, judge_config

@@ -53,6 +53,7 @@ import argparse
 import dataclasses
 import functools
 import json
+import logging
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -63,9 +64,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flash_jax.config import read_json
 from flash_jax.data import shapes
 from flash_jax.models import layers
 from flash_jax.train import checkpoint
+
+log = logging.getLogger(__name__)
 
 Array = jax.Array
 Dtype = Any
@@ -537,14 +541,41 @@ def evaluate_judge(
     return result
 
 
-def load_judge(path: str | Path) -> tuple[Any, JudgeConfig]:
+def judge_image_size(path: str | Path) -> int | None:
+    """The image side the judge at `path` was trained on: `data.image_size` of its run's
+    config.json, or for a params file the `image_size` of the JSON file beside it
+    (`judge.msgpack` -> `judge.json`); None when neither exists."""
+    path = Path(path)
+    if path.suffix != ".msgpack":
+        return int(read_json(path / "config.json")["data"]["image_size"])
+    sidecar = path.with_suffix(".json")
+    return int(read_json(sidecar)["image_size"]) if sidecar.is_file() else None
+
+
+def check_judge_size(path: str | Path, image_size: int) -> None:
+    """Refuses a judge trained on another image size than the evaluation's: it would score those
+    images without complaint, and wrongly."""
+    trained = judge_image_size(path)
+    if trained is None:
+        log.warning("%s records no image size (no %s): cannot check it against %dpx images",
+                    path, Path(path).with_suffix(".json").name, image_size)  # fmt: skip
+    elif trained != image_size:
+        raise ValueError(
+            f"the judge {path} was trained on {trained}px images, but the evaluation's images are "
+            f"{image_size}px (image_size): give a judge trained on {image_size}px images"
+        )
+
+
+def load_judge(path: str | Path, image_size: int | None = None) -> tuple[Any, JudgeConfig]:
     """`(params, config)` of a judge: a run directory it was trained in (EMA params of the newest
     checkpoint, the config from its `config.json`) or a shipped `.msgpack` (assets/; the config
-    read off the params, `config_from_params`)."""
+    read off the params, `config_from_params`). With `image_size`, first `check_judge_size`."""
+    if image_size is not None:
+        check_judge_size(path, image_size)
     params = checkpoint.load_params(path)
     if Path(path).suffix == ".msgpack":
         return params, config_from_params(params)
-    run_config = json.loads((Path(path) / "config.json").read_text())
+    run_config = read_json(Path(path) / "config.json")
     return params, JudgeConfig.from_dict(run_config["model"]["judge"])
 
 
@@ -617,7 +648,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from flash_jax.eval import metrics
 
     params, config = load_judge(args.workdir)
-    run_config = json.loads((Path(args.workdir) / "config.json").read_text())
+    run_config = read_json(Path(args.workdir) / "config.json")
     seed, size = run_config["data"]["seed"], run_config["data"]["image_size"]
     rows: dict[str, dict[str, float]] = {}
     for split in filter(None, args.splits.split(",")):

@@ -8,8 +8,10 @@ Placement (flash_jax/parallel.py): the state, the frozen models and each batch l
 `config.mesh` mesh, sharded by `config.sharding_rules` (and by size, `config.fsdp_min_size`);
 the frozen models are cast to `config.frozen_dtype`. One device is the 1×1×1 mesh.
 A SIGTERM stops the run at the next step boundary once that step is checkpointed, or before the
-first step if it arrives during start-up (flash_jax/train/preemption.py); a rerun resumes there,
-also on another mesh or device count. A second run on the same workdir is refused
+first step if it arrives during start-up; a SIGINT (Ctrl-C) stops it at the next step boundary
+once the checkpoint being written is complete, raising KeyboardInterrupt
+(flash_jax/train/preemption.py). A rerun resumes from the last checkpoint, also on another mesh or
+device count. A second run on the same workdir is refused
 (flash_jax/train/lock.py); docs/faults.md lists the faults and what the run does about each.
 """
 
@@ -257,18 +259,34 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainState:
     try:
         with (
             preemption.watch_sigterm() as should_stop,
+            preemption.defer_sigint() as interrupted,
             lock.hold(workdir) if is_main else contextlib.nullcontext(),
         ):
             checkpoint.check_writable(workdir / "checkpoints")
-            return _train(config, workdir, should_stop)
+            return _train(config, workdir, should_stop, interrupted)
     except BaseException:
         if created and is_main:
             _remove_if_unused(workdir)
         raise
 
 
+def _stop_interrupted(manager: Any, writer: Any, step: int) -> None:
+    """After a SIGINT: waits for the checkpoint in flight, closes the outputs, raises
+    KeyboardInterrupt."""
+    log.warning("SIGINT at step %d: finishing the checkpoint in flight, then stopping", step)
+    manager.wait_until_finished()
+    manager.close()
+    if writer:
+        writer.close()
+    log.warning("interrupted; the newest checkpoint is step %s", manager.latest_step())
+    raise KeyboardInterrupt
+
+
 def _train(
-    config: ml_collections.ConfigDict, workdir: Path, should_stop: Callable[[int], bool]
+    config: ml_collections.ConfigDict,
+    workdir: Path,
+    should_stop: Callable[[int], bool],
+    interrupted: Callable[[], bool] = lambda: False,
 ) -> TrainState:
     placement = place(config, parallel.make_mesh(config.mesh))
     method, step_fn, frozen = placement.method, placement.step, placement.frozen
@@ -300,6 +318,8 @@ def _train(
     sample_fn = jax.jit(method.sample) if method.sample else None
 
     start = int(state.step)
+    if interrupted():
+        _stop_interrupted(manager, None, start)
     if should_stop(start):  # SIGTERM during start-up: nothing new to checkpoint
         log.warning("SIGTERM during start-up: stopped before step %d; rerun to resume", start + 1)
         manager.close()
@@ -317,44 +337,40 @@ def _train(
         desc=config.method,
         disable=not is_main,
     )
-    try:
-        for step in progress:
-            checkpoint.check_saves(manager)
-            batch = parallel.global_batch(method.prepare_batch(next(data)), batch_sharding)
-            state, metrics = step_fn(state, frozen, batch)
-            all_finite = jnp.minimum(all_finite, metrics["finite"])
-            done = step + 1
-            stop = should_stop(done)
-            if done % config.log_every == 0 or done == config.total_steps:
+    for step in progress:
+        if interrupted():
+            _stop_interrupted(manager, writer, step)
+        checkpoint.check_saves(manager)
+        batch = parallel.global_batch(method.prepare_batch(next(data)), batch_sharding)
+        state, metrics = step_fn(state, frozen, batch)
+        all_finite = jnp.minimum(all_finite, metrics["finite"])
+        done = step + 1
+        stop = should_stop(done)
+        if done % config.log_every == 0 or done == config.total_steps:
+            values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            if values["finite"] < 1.0:
+                _raise_non_finite(done, values)
+            progress.set_postfix(loss=f"{values['loss']:.4f}")
+            if is_main:
+                _write_jsonl(metrics_file, {"step": done, **values})
+                writer.scalars(done, values)
+        if stop or done % config.checkpoint_every == 0 or done == config.total_steps:
+            if float(all_finite) < 1.0:
                 values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                if values["finite"] < 1.0:
-                    _raise_non_finite(done, values)
-                progress.set_postfix(loss=f"{values['loss']:.4f}")
-                if is_main:
-                    _write_jsonl(metrics_file, {"step": done, **values})
-                    writer.scalars(done, values)
-            if stop or done % config.checkpoint_every == 0 or done == config.total_steps:
-                if float(all_finite) < 1.0:
-                    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                    _raise_non_finite(done, values)
-                checkpoint.save(manager, state, {"data": data.get_state(), "step": done})
-            if stop:
-                log.warning("SIGTERM: stopped after checkpointing step %d; rerun to resume", done)
-                break
-            if sample_fn and (done % config.sample_every == 0 or done == config.total_steps):
-                images = sample_fn(state.ema_params, frozen, sample_batch, sample_rng)
-                if is_main:
-                    grid = write_sample_grid(
-                        np.asarray(images),
-                        sample_captions,
-                        workdir / "samples" / f"step_{done:07d}.png",
-                    )
-                    writer.image(done, "samples", grid)
-    except KeyboardInterrupt:
-        log.warning("interrupted: finishing the checkpoint in flight, then stopping")
-        manager.wait_until_finished()
-        manager.close()
-        raise
+                _raise_non_finite(done, values)
+            checkpoint.save(manager, state, {"data": data.get_state(), "step": done})
+        if stop:
+            log.warning("SIGTERM: stopped after checkpointing step %d; rerun to resume", done)
+            break
+        if sample_fn and (done % config.sample_every == 0 or done == config.total_steps):
+            images = sample_fn(state.ema_params, frozen, sample_batch, sample_rng)
+            if is_main:
+                grid = write_sample_grid(
+                    np.asarray(images),
+                    sample_captions,
+                    workdir / "samples" / f"step_{done:07d}.png",
+                )
+                writer.image(done, "samples", grid)
     if writer:
         writer.close()
     manager.wait_until_finished()
