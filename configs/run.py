@@ -67,6 +67,14 @@ SHARDING_RULES = (
 )
 
 
+def lora() -> ml_collections.ConfigDict:
+    """`config.lora` of the distillation configs: a LoRA student on the frozen teacher, off by
+    default (flash_jax/lora.py documents the knobs)."""
+    from flash_jax.lora import lora_section
+
+    return lora_section()
+
+
 def mesh(data: int = -1, fsdp: int = 1, tensor: int = 1) -> ml_collections.ConfigDict:
     """Device mesh sizes (flash_jax/parallel.py); one per-slice and one across-slice size may be -1."""
     return ml_collections.ConfigDict(

@@ -12,7 +12,8 @@ overrides a knob (flash_jax/config.py: lists as `1,2,3`), and an unknown key, a 
 type or out of range is a one-line error before anything is built or compiled.
 `sample` draws a captioned grid and one PNG per prompt from the EMA parameters of the run in
 `--workdir`, with the run's own config.json unless `--config` is given (a student of
-`imagine_flash` uses its teacher's text encoder). `export` writes a student as a diffusers
+`imagine_flash` uses its teacher's text encoder; a LoRA student, its factors merged onto the
+teacher's UNet). `export` writes a student as a diffusers
 pipeline folder (flash_jax/export.py, docs/stable_diffusion.md). `eval` evaluates the runs an
 evaluation config lists (flash_jax/eval/evaluate.py, `run_evaluation`) and writes the tables, plots
 and sample grids under WORKDIR; rerunning it skips the rows already computed.
@@ -43,7 +44,7 @@ from absl import logging as absl_logging  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from flash_jax import config as flash_config  # noqa: E402
-from flash_jax import export, frozen, parallel, sampling  # noqa: E402
+from flash_jax import export, frozen, lora, parallel, sampling  # noqa: E402
 from flash_jax.data import cache as data_cache  # noqa: E402
 from flash_jax.eval import evaluate  # noqa: E402
 from flash_jax.t2i import T2I  # noqa: E402
@@ -120,8 +121,11 @@ def sample(config, workdir: str) -> Path:
     model = T2I.from_config(config)
     params = checkpoint.load_params(workdir)
     if config.method == "imagine_flash":
-        teacher_text = frozen.load_teacher(config, model, parts=("text",))["text"]
-        params = {"unet": params["unet"], "text": teacher_text}
+        lora_student = "lora" in params["unet"]  # factors on the frozen teacher UNet
+        parts = ("unet", "text") if lora_student else ("text",)
+        teacher = frozen.load_teacher(config, model, parts=parts)
+        unet = lora.full_unet(params["unet"], config, lambda: teacher["unet"])
+        params = {"unet": unet, "text": teacher["text"]}
     model.check(params, workdir)
     vae = frozen.load_autoencoder(config, model)
     sampler = sampling.SamplerConfig(

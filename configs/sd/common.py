@@ -272,6 +272,7 @@ def imagine_flash(
     c.autoencoder_workdir = ""  # unused: the VAE comes from model.pretrained
     c.optimizer = run.optimizer(learning_rate=1e-5, warmup_steps=500)
     c.disc_optimizer = run.optimizer(learning_rate=1e-5, warmup_steps=500)
+    c.lora = run.lora()  # a LoRA student: --config.lora.enabled=true (docs/stable_diffusion.md)
     # The method's defaults (ImagineFlashConfig documents each knob) but for what differs at SD
     # scale.
     knobs = ImagineFlashConfig(

@@ -26,6 +26,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.teacher_workdir = base.teacher_workdir  # the trained teacher (frozen)
     c.autoencoder_workdir = base.autoencoder_workdir  # the trained VAE (frozen)
     c.optimizer, c.disc_optimizer = base.optimizer, base.disc_optimizer
+    c.lora = run.lora()  # a LoRA student instead of a full one: --config.lora.enabled=true
     c.add = ml_collections.ConfigDict(
         dict(
             student_steps=4,  # the student's timesteps: the trailing grid of this many steps

@@ -55,6 +55,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.autoencoder_workdir = "runs/shapes/autoencoder"  # the trained stage-1 VAE (frozen)
     c.optimizer = run.optimizer(learning_rate=1e-4, warmup_steps=50)
     c.disc_optimizer = run.optimizer(learning_rate=1e-4, warmup_steps=50)
+    c.lora = run.lora()  # a LoRA student instead of a full one: --config.lora.enabled=true
     knobs = dataclasses.asdict(
         ImagineFlashConfig(guidance_scale=base.sample.guidance_scale)  # the teacher's CFG scale
     )

@@ -23,6 +23,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.teacher_workdir = base.teacher_workdir  # the trained teacher (frozen)
     c.autoencoder_workdir = base.autoencoder_workdir  # the trained VAE (frozen)
     c.optimizer = base.optimizer
+    c.lora = run.lora()  # a LoRA student instead of a full one: --config.lora.enabled=true
     teacher_scale = base.imagine_flash.guidance_scale
     c.lcm = ml_collections.ConfigDict(
         dict(

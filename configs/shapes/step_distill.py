@@ -45,6 +45,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.teacher_workdir = base.teacher_workdir  # the trained teacher (frozen; text encoder always)
     c.autoencoder_workdir = base.autoencoder_workdir  # the trained VAE (frozen)
     c.optimizer = base.optimizer
+    c.lora = run.lora()  # a LoRA student instead of a full one: --config.lora.enabled=true
     teacher_scale = base.imagine_flash.guidance_scale
     c.step_distill = ml_collections.ConfigDict(
         dict(

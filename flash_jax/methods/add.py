@@ -144,7 +144,7 @@ def make(config: ml_collections.ConfigDict) -> Method:
             k_adv,
         )
 
-    return common.student_method(
+    method = common.student_method(
         model,
         sampler,
         discriminator,
@@ -153,3 +153,4 @@ def make(config: ml_collections.ConfigDict) -> Method:
         load_frozen=load_frozen,
         generator_loss=generator_loss,
     )
+    return common.maybe_lora(method, config, {"unet": model}, model)

@@ -10,6 +10,7 @@
 - Guidance-conditioned students (LCM, guided step distillation): `with_guidance_input` (the UNet
   also reads the guidance weight w through diffusers' `timestep_cond`), `student_from_teacher`
   (the teacher's weights, the new guidance projection at zero) and `guided_apply`.
+- `maybe_lora`: the method as a LoRA student on the frozen teacher when `config.lora.enabled`.
 - `student_generate`, `grid_sample`: `Method.generate` / `Method.sample` of a student sampled like
   a plain diffusion model; `student_method`, the whole Method of such a student (ADD, Imagine
   Flash), with the discriminator entries when it has one.
@@ -27,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flash_jax import diffusion, frozen, sampling, t2i, weights
+from flash_jax import diffusion, frozen, lora, sampling, t2i, weights
 from flash_jax.methods import Method
 from flash_jax.models import discriminator as disc_lib
 from flash_jax.models import layers, unet
@@ -280,6 +281,27 @@ def guided_apply(model: T2I) -> sampling.ApplyFn:
         return model.apply_unet(unet_params, x, t, cond["context"], timestep_cond=emb)
 
     return apply
+
+
+# ------------------------------------------------------------------------------------ LoRA
+
+
+def maybe_lora(
+    method: Method, config: ml_collections.ConfigDict, students: Mapping[str, T2I], base: T2I
+) -> Method:
+    """`method` as a LoRA student (flash_jax/lora.py) when `config.lora.enabled`, else unchanged:
+    `students` maps each trainable UNet's params key to the model it has (LCM: `{"unet",
+    "target"}`), `base` is the model of the frozen `teacher` UNet the factors are added to."""
+
+    def abstract(m: T2I) -> Any:
+        return weights.model_abstract("unet", m.unet)
+
+    return lora.maybe_adapt(
+        method,
+        config,
+        lambda: {k: abstract(m) for k, m in students.items()},
+        lambda: abstract(base),
+    )
 
 
 # ------------------------------------------------------------------------------------ sampling

@@ -332,7 +332,7 @@ def make(config: ml_collections.ConfigDict) -> Method:
             srl, aux, disc_params, teacher_unet, x0_student, context, pooled, k_adv
         )
 
-    return common.student_method(
+    method = common.student_method(
         model,
         sampler,
         discriminator,
@@ -341,3 +341,4 @@ def make(config: ml_collections.ConfigDict) -> Method:
         load_frozen=load_frozen,
         generator_loss=generator_loss,
     )
+    return common.maybe_lora(method, config, {"unet": model}, model)

@@ -221,7 +221,7 @@ def make(config: ml_collections.ConfigDict) -> Method:
         axes = student_model.logical_axes()
         return axes | {"target": axes["unet"]}  # θ⁻ is sharded like the student
 
-    return Method(
+    method = Method(
         init=init,
         load_frozen=load_frozen,
         generator_loss=generator_loss,
@@ -230,4 +230,8 @@ def make(config: ml_collections.ConfigDict) -> Method:
         generate=generate,
         post_update=post_update,
         logical_axes=logical_axes,
+    )
+    # LCM-LoRA: θ and θ⁻ are factor trees on the teacher; post_update's EMA acts on the factors.
+    return common.maybe_lora(
+        method, config, {"unet": student_model, "target": student_model}, model
     )

@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flash_jax import diffusion, frozen, sampling, t2i
+from flash_jax import diffusion, frozen, lora, sampling, t2i
 from flash_jax.methods import Method, common
 from flash_jax.t2i import T2I
 from flash_jax.train import checkpoint
@@ -135,6 +135,26 @@ def snr_weight(alpha: Array, sigma: Array, kind: str) -> Array:
     return jnp.maximum((alpha / sigma) ** 2, 1.0).reshape(-1)
 
 
+def stage_student(workdir: str | Path, config: ml_collections.ConfigDict) -> Any:
+    """The full UNet params of a stage's EMA student in `workdir`: a LoRA stage's factors merged
+    onto its own frozen teacher (the teacher of `config`, or its previous stage's student)."""
+    import ml_collections
+
+    unet = checkpoint.load_params(workdir)["unet"]
+    path = Path(workdir) / "config.json"
+    if "lora" not in unet or not path.is_file():
+        return unet
+    run = ml_collections.ConfigDict(json.loads(path.read_text()))
+    stage = run.step_distill
+
+    def load_base() -> Any:
+        if stage.get("stage") == "progressive":
+            return stage_student(stage.previous_workdir, config)
+        return frozen.load_teacher(config, T2I.from_config(config), parts=("unet",))["unet"]
+
+    return lora.full_unet(unet, run, load_base)
+
+
 def make(config: ml_collections.ConfigDict) -> Method:
     sdc = StepDistillConfig(**config.step_distill.to_dict())
     model = T2I.from_config(config)
@@ -161,7 +181,7 @@ def make(config: ml_collections.ConfigDict) -> Method:
                     f"{prev.get('student_steps')}-step student; a {sdc.student_steps}-step stage "
                     f"needs the {2 * sdc.student_steps}-step one"
                 )
-        unet = checkpoint.load_params(previous)["unet"]
+        unet = stage_student(previous, config)
         return student_model.check({"unet": unet}, f"previous stage {previous}")["unet"]
 
     def load_frozen() -> dict[str, Any]:
@@ -244,7 +264,7 @@ def make(config: ml_collections.ConfigDict) -> Method:
         )
         return model.to_images(frozen["vae"], latents)
 
-    return Method(
+    method = Method(
         init=init,
         load_frozen=load_frozen,
         generator_loss=generator_loss,
@@ -253,3 +273,6 @@ def make(config: ml_collections.ConfigDict) -> Method:
         generate=generate,
         logical_axes=student_model.logical_axes,  # also covers the plain teacher's tensors
     )
+    # A progressive stage's LoRA factors go on its frozen teacher: the previous stage's student.
+    base = student_model if progressive else model
+    return common.maybe_lora(method, config, {"unet": student_model}, base)
