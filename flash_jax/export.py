@@ -1,6 +1,7 @@
 """A distilled student as a diffusers pipeline folder (`python -m flash_jax.main --mode export`).
 
-  python -m flash_jax.main --mode export --workdir RUN --out DIR [--params ema|raw] [--dtype fp32]
+  python -m flash_jax.main --mode export --workdir RUN --out DIR [--params ema|raw] [--dtype fp32] \
+      [--merge]
 
 `RUN` is an Imagine Flash run of a diffusers model (`config.model.pretrained` names its teacher
 folder). `DIR` receives:
@@ -14,8 +15,19 @@ folder). `DIR` receives:
   model_index.json   the teacher's, its scheduler entry pointing at the file above (written for
                      SD / SDXL when the teacher folder has none)
 
+A LoRA student (`config.lora.enabled`, flash_jax/lora.py) instead gets
+
+  pytorch_lora_weights.safetensors
+                     its factors in peft's names and layouts, the rank and alpha in the header:
+                     what `pipe.load_lora_weights(DIR)` reads (--dtype applies)
+  unet/              the teacher's, copied (the base the factors go on)
+
+or, with `--merge`, `unet/` is the student with its factors merged in and no LoRA file is written
+(the folder is then like a full student's).
+
 and loads with `StableDiffusionPipeline.from_pretrained(DIR, trust_remote_code=True)` (SDXL:
-`StableDiffusionXLPipeline`); docs/stable_diffusion.md. Every check runs before the checkpoint is
+`StableDiffusionXLPipeline`), followed for a LoRA student by `pipe.load_lora_weights(DIR)`;
+docs/stable_diffusion.md. Every check runs before the checkpoint is
 read; the folder is written under a temporary name next to `DIR` and renamed at the end, so a
 failed export leaves no folder that looks complete.
 """
@@ -32,7 +44,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from flash_jax import config as flash_config
-from flash_jax import diffusion, weights
+from flash_jax import diffusion, lora, weights
+from flash_jax.config import ConfigError
 from flash_jax.t2i import T2I
 from flash_jax.train import checkpoint
 
@@ -165,8 +178,26 @@ def check_run(config: ml_collections.ConfigDict, workdir: str | Path) -> tuple[T
     return T2I.from_config(config), teacher
 
 
+def _cast(state: dict[str, np.ndarray], dtype: str, what: str) -> dict[str, np.ndarray]:
+    """`state` in `dtype`; ExportError naming the tensors that overflow it."""
+    with np.errstate(over="ignore"):  # checked next, naming the tensors
+        state = {k: np.ascontiguousarray(v, DTYPES[dtype]) for k, v in state.items()}
+    bad = [k for k, v in state.items() if not np.isfinite(v.astype(np.float32)).all()]
+    if bad:
+        raise ExportError(
+            f"the {what} has non-finite weights in --dtype {dtype}: {bad[:5]} "
+            "(fp16 overflows past 65504: export bf16 or fp32)"
+        )
+    return state
+
+
 def export(
-    workdir: str | Path, out: str | Path, *, params: str = "ema", dtype: str = "fp32"
+    workdir: str | Path,
+    out: str | Path,
+    *,
+    params: str = "ema",
+    dtype: str = "fp32",
+    merge: bool = False,
 ) -> Path:
     """Writes the student of `workdir` to the new diffusers folder `out` (module docstring).
 
@@ -174,7 +205,8 @@ def export(
       workdir: the run directory (config.json + checkpoints/).
       out: the folder to create; it must not exist or be empty.
       params: "ema" (the EMA parameters, what flash-jax samples and evaluates) or "raw".
-      dtype: the UNet weights' dtype, "fp32", "fp16" or "bf16".
+      dtype: the UNet (or LoRA) weights' dtype, "fp32", "fp16" or "bf16".
+      merge: for a LoRA student, write its merged UNet to `unet/` instead of the LoRA file.
 
     Returns:
       `out`.
@@ -193,6 +225,15 @@ def export(
         raise ExportError(f"--out {out} exists and is not an empty folder: choose a new one")
     config = run_config(workdir)
     model, teacher = check_run(config, workdir)
+    try:
+        lora_config = lora.from_config(config)
+    except ConfigError as e:
+        raise ExportError(f"{workdir}: {e}") from None
+    if merge and lora_config is None:
+        raise ExportError(
+            f"--merge: {workdir} trained a full student (config.lora.enabled is off): its unet/ "
+            "is written without it"
+        )
     sched = scheduler_config(config)
     index = model_index(teacher, model)
     missing = [name for name in components(index) if not (teacher / name).is_dir()]
@@ -200,20 +241,22 @@ def export(
         raise ExportError(f"teacher folder {teacher} has no {missing} (listed in model_index)")
 
     unet = checkpoint.load_params(workdir, PARAMS[params])["unet"]
-    state = weights.unet_to_diffusers(unet, model.unet)
-    with np.errstate(over="ignore"):  # checked next, naming the tensors
-        state = {k: np.ascontiguousarray(v, DTYPES[dtype]) for k, v in state.items()}
-    bad = [k for k, v in state.items() if not np.isfinite(v.astype(np.float32)).all()]
-    if bad:
-        raise ExportError(
-            f"the UNet has non-finite weights in --dtype {dtype}: {bad[:5]} "
-            "(fp16 overflows past 65504: export bf16 or fp32)"
-        )
+    state = lora_file = None  # None: the teacher's unet/ is copied
+    if lora_config is not None and not merge:
+        if set(unet) != {"lora"}:
+            raise ExportError(f"{workdir}: the LoRA student has tensors besides its factors")
+        lora_state, metadata = lora.to_peft(unet["lora"], lora_config)
+        lora_file = (_cast(lora_state, dtype, "LoRA"), metadata)
+    else:
+        if lora_config is not None:
+            base = model.load_pretrained(("unet",))["unet"]
+            unet = lora.full_unet(unet, config, lambda: base)
+        state = _cast(weights.unet_to_diffusers(unet, model.unet), dtype, "UNet")
 
     partial = out.with_name(f".{out.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)  # a failed export's leftovers
     try:
-        _write(partial, teacher, index, model, state, sched)
+        _write(partial, teacher, index, model, state, sched, lora_file)
         if out.exists():
             out.rmdir()  # empty (checked above)
         partial.rename(out)
@@ -222,13 +265,27 @@ def export(
     return out
 
 
-def _write(folder: Path, teacher: Path, index: dict, model: T2I, state: dict, sched: dict):
+def _write(
+    folder: Path,
+    teacher: Path,
+    index: dict,
+    model: T2I,
+    state: dict | None,
+    sched: dict,
+    lora_file: tuple[dict, dict] | None = None,
+):
     from safetensors.numpy import save_file
 
-    (folder / "unet").mkdir(parents=True)
-    unet_config = {"_class_name": "UNet2DConditionModel", **model.unet.to_diffusers()}
-    (folder / "unet" / "config.json").write_text(json.dumps(unet_config, indent=2))
-    save_file(state, str(folder / "unet" / "diffusion_pytorch_model.safetensors"), {"format": "pt"})
+    if state is None:
+        shutil.copytree(teacher / "unet", folder / "unet")
+    else:
+        (folder / "unet").mkdir(parents=True)
+        unet_config = {"_class_name": "UNet2DConditionModel", **model.unet.to_diffusers()}
+        (folder / "unet" / "config.json").write_text(json.dumps(unet_config, indent=2))
+        path = folder / "unet" / "diffusion_pytorch_model.safetensors"
+        save_file(state, str(path), {"format": "pt"})
+    if lora_file is not None:
+        save_file(lora_file[0], str(folder / lora.PEFT_FILE), lora_file[1])
     (folder / "scheduler").mkdir()
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched, indent=2))
     shutil.copyfile(SCHEDULER_SOURCE, folder / "scheduler" / f"{SCHEDULER_MODULE}.py")

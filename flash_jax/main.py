@@ -4,7 +4,8 @@
       [--config.key=value ...] [--mode train] [--distributed auto|on|off]
   python -m flash_jax.main --workdir DIR --mode sample --prompts "a red circle;two blue stars" \
       [--config ...] [--steps 3] [--guidance 1] [--noise_correction] [--out grid.png]
-  python -m flash_jax.main --workdir DIR --mode export --out FOLDER [--params ema|raw] [--dtype fp32]
+  python -m flash_jax.main --workdir DIR --mode export --out FOLDER [--params ema|raw] [--dtype fp32] \
+      [--merge]
   python -m flash_jax.main --config configs/shapes/comparison.py --workdir RUNS --mode eval
 
 Configs are ml_collections files whose `get_config(arg)` returns a ConfigDict; `--config.KEY=VALUE`
@@ -77,6 +78,9 @@ _OUT = flags.DEFINE_string(
 )
 _PARAMS = flags.DEFINE_enum("params", "ema", list(export.PARAMS), "export: which parameters")
 _DTYPE = flags.DEFINE_enum("dtype", "fp32", list(export.DTYPES), "export: the UNet weights' dtype")
+_MERGE = flags.DEFINE_bool(
+    "merge", False, "export: a LoRA student's factors merged into unet/ (no LoRA file)"
+)
 _COMPILATION_CACHE = flags.DEFINE_string(
     "compilation_cache",
     "",
@@ -208,7 +212,13 @@ def main(parsed: tuple[list[str], list[str]]) -> None:
     elif _MODE.value == "export":
         if not _OUT.value:
             raise app.UsageError("--mode export needs --out FOLDER (a new diffusers folder)")
-        out = export.export(_WORKDIR.value, _OUT.value, params=_PARAMS.value, dtype=_DTYPE.value)
+        out = export.export(
+            _WORKDIR.value,
+            _OUT.value,
+            params=_PARAMS.value,
+            dtype=_DTYPE.value,
+            merge=_MERGE.value,
+        )
         print(f"wrote the diffusers folder {out} (loading it: docs/stable_diffusion.md)")
 
 
