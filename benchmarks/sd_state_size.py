@@ -6,6 +6,8 @@ and XLA's per-device memory analysis of the compiled SD1.5 Imagine Flash step on
       [--memory_out benchmarks/results/sd15_step_memory.json]
   python -m benchmarks.sd_state_size --memory --presets [--models sd15,sdxl]
       [--presets_out benchmarks/results/sd_preset_memory.json]
+  python -m benchmarks.sd_state_size --memory --presets --lora 16 [--models sd15]
+      [--machines tpu_v5e_8] [--presets_out benchmarks/results/sd_preset_memory_lora.json]
 
 Counts come from abstract initialisation (`jax.eval_shape`) of the configs' model dicts. Bytes:
 the trained student UNet keeps float32 parameters, two Adam moments and an EMA copy (16 B/param);
@@ -22,7 +24,9 @@ accelerator's, so the numbers are a guide, not a GPU/TPU measurement.
 
 --presets: the same analysis for every machine preset of configs/sd/common.py (`HBM_GIB`) of each
 model, one compile each; per preset the JSON holds "peak_gib" (the peak estimate, per device) and
-"hbm_gib" (the chip's memory), rewritten after every compile. LLVM's optimisation passes are off
+"hbm_gib" (the chip's memory), rewritten after every compile. `--lora R`: the same presets with a
+rank-R LoRA student (`config.lora`, default targets; flash_jax/lora.py): the state is the factors,
+their Adam moments and EMA, the base is the frozen teacher's UNet; rows keyed `model:preset:rR`. LLVM's optimisation passes are off
 (`--xla_backend_optimization_level=0`): they only change the generated code, not the buffers.
 """
 
@@ -107,7 +111,8 @@ def abstract_step_inputs(config, mesh: jax.sharding.Mesh):
     frozen = jax.eval_shape(
         lambda t: parallel.cast_floats(t, config.frozen_dtype), {"teacher": teacher, "vae": vae}
     )
-    params = {"unet": teacher["unet"]}
+    # A full student starts as the teacher's UNet; a LoRA student's init is abstract already.
+    params = jax.eval_shape(method.init, key) if config.lora.enabled else {"unet": teacher["unet"]}
     tx = loop.make_optimizer(config.optimizer)
     disc_tx = loop.make_optimizer(config.disc_optimizer)
     disc = jax.eval_shape(method.init_discriminator, key)
@@ -236,20 +241,27 @@ def memory(variant: str, out: Path) -> None:
     out.write_text(json.dumps(record, indent=2) + "\n")
 
 
-def presets(models: list[str], out: Path) -> None:
-    """`step_memory` of every machine preset of `models`; prints a markdown row per preset and
-    rewrites `out` after each (rows already in `out` for other presets are kept)."""
+def presets(models: list[str], out: Path, machines: list[str], lora_rank: int = 0) -> None:
+    """`step_memory` of the machine presets `machines` of `models` (a LoRA student of rank
+    `lora_rank` when > 0); prints a markdown row per preset and rewrites `out` after each (rows
+    already in `out` for other presets are kept)."""
     rows = json.loads(out.read_text()) if out.is_file() else {}
     print("| config | preset | mesh (data, fsdp, tensor) | global batch | peak GiB / device "
           "| chip GiB | share |")  # fmt: skip
     print("|---|---|---|---|---|---|---|")
     for name in models:
-        for machine, hbm in sd_common.HBM_GIB.items():
+        for machine in machines:
+            hbm = sd_common.HBM_GIB[machine]
             config = CONFIGS[name].get_config(machine)
+            key, overrides = f"{name}:{machine}", ""
+            if lora_rank:
+                config.lora.update(enabled=True, rank=lora_rank, alpha=float(lora_rank))
+                key += f":r{lora_rank}"
+                overrides = f" --config.lora.enabled=true --config.lora.rank={lora_rank}"
             record = step_memory(config)
             peak = record["per_device_bytes"]["peak_estimate_bytes"] / 2**30
-            rows[f"{name}:{machine}"] = {
-                "config": f"configs/sd/{name}_imagine_flash.py:{machine}",
+            rows[key] = {
+                "config": f"configs/sd/{name}_imagine_flash.py:{machine}{overrides}",
                 "peak_gib": round(peak, 2),
                 "hbm_gib": hbm,
                 "fits": peak <= 0.9 * hbm,
@@ -258,7 +270,7 @@ def presets(models: list[str], out: Path) -> None:
                 **record,
             }
             mesh = tuple(record["mesh"].values())
-            print(f"| {name} | {machine} | {mesh} | {config.batch_size} | {peak:.1f} | {hbm} "
+            print(f"| {key} | {machine} | {mesh} | {config.batch_size} | {peak:.1f} | {hbm} "
                   f"| {peak / hbm:.0%} |", flush=True)  # fmt: skip
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(rows, indent=2) + "\n")
@@ -273,10 +285,14 @@ def main() -> None:
     parser.add_argument("--memory_out", default="benchmarks/results/sd15_step_memory.json")
     parser.add_argument("--presets", action="store_true", help="--memory of every preset")
     parser.add_argument("--models", default="sd15,sdxl", help="configs of --presets")
-    parser.add_argument("--presets_out", default="benchmarks/results/sd_preset_memory.json")
+    parser.add_argument("--machines", default=",".join(sd_common.HBM_GIB), help="of --presets")
+    parser.add_argument("--lora", type=int, default=0, help="--presets of a LoRA student, rank")
+    parser.add_argument("--presets_out", default="")
     args = parser.parse_args()
     if args.memory and args.presets:
-        presets(args.models.split(","), Path(args.presets_out))
+        default = "sd_preset_memory_lora.json" if args.lora else "sd_preset_memory.json"
+        out = Path(args.presets_out or f"benchmarks/results/{default}")
+        presets(args.models.split(","), out, args.machines.split(","), args.lora)
         return
     if args.memory:
         memory(args.variant, Path(args.memory_out))
