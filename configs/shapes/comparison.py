@@ -30,7 +30,8 @@ student per step count); the ablations at 3 steps: w/o noise correction, w/o dis
 w/o backward distillation, w/o SRL; the Imagine Flash 3-step students sampled without noise
 correction (the paper's inference-time ablation, paired run by run); and the paper's SRL
 re-noising with fresh noise ε', where the testbed default re-noises with the student's own ε̂ (a
-deterministic target).
+deterministic target); and Imagine Flash 3 as LoRA students of rank 4, 16 and 64 on the frozen
+teacher (alpha = rank), at the same updates and learning rate as the full student.
 """
 
 from __future__ import annotations
@@ -55,6 +56,9 @@ RUNS = (
     ("IF, SRL with fresh noise (paper)", "if3_srl_fresh", f"{IMAGINE_FLASH}:3,srl_fresh", (3,)),
     ("IF, uniform loss", "if3_w_uniform", f"{IMAGINE_FLASH}:3,w_uniform", (3,)),
     ("IF, α-weighted loss", "if3_w_alpha", f"{IMAGINE_FLASH}:3,w_alpha", (3,)),
+    ("IF LoRA, rank 4", "if3_lora4", f"{IMAGINE_FLASH}:3,lora=4", (3,)),
+    ("IF LoRA, rank 16", "if3_lora16", f"{IMAGINE_FLASH}:3,lora=16", (3,)),
+    ("IF LoRA, rank 64", "if3_lora64", f"{IMAGINE_FLASH}:3,lora=64", (3,)),
     ("ADD", "add", "configs/shapes/add.py", (4,)),
     ("LCM", "lcm", "configs/shapes/lcm.py", (1, 2, 3)),
 )

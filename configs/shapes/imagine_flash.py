@@ -10,7 +10,8 @@ docs/method.md, "Open points"); "srl_x_T" (re-noised with the sample's initial n
 "w_alpha", "w_normalized" (the x̂0 loss unweighted, weighted by α_t, or normalized per student step,
 the default); "f2" (16x16x4
 latents, for a teacher trained with configs/shapes/teacher.py:f2, e.g. the shipped
-assets/shapes/teacher_f2.msgpack); and "quick" / "tiny".
+assets/shapes/teacher_f2.msgpack); "lora=R" (a LoRA student of rank R, alpha R, on the frozen
+teacher); and "quick" / "tiny".
 """
 
 import dataclasses
@@ -24,7 +25,7 @@ from flash_jax.methods.imagine_flash import ImagineFlashConfig
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    variants = run.flags(
+    variants, values = run.parse(
         arg,
         (
             *(
@@ -45,6 +46,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
             *("f2", "quick", "tiny"),
         ),
         "configs/shapes/imagine_flash.py",
+        ("lora",),
     )
     base = teacher.get_config(",".join(variants & {"tiny", "f2"}))
     c = run.training(
@@ -56,6 +58,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.optimizer = run.optimizer(learning_rate=1e-4, warmup_steps=50)
     c.disc_optimizer = run.optimizer(learning_rate=1e-4, warmup_steps=50)
     c.lora = run.lora()  # a LoRA student instead of a full one: --config.lora.enabled=true
+    if "lora" in values:
+        c.lora.enabled, c.lora.rank, c.lora.alpha = True, int(values["lora"]), float(values["lora"])
     knobs = dataclasses.asdict(
         ImagineFlashConfig(guidance_scale=base.sample.guidance_scale)  # the teacher's CFG scale
     )
