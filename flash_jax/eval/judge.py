@@ -600,7 +600,7 @@ def _reconstruct(
     error of a diffusion model that samples unit-variance latents to that accuracy."""
     from flash_jax.models import autoencoder
 
-    cfg = json.loads((Path(autoencoder_workdir) / "config.json").read_text())
+    cfg = read_json(Path(autoencoder_workdir) / "config.json")
     ae = autoencoder.AutoencoderConfig.from_diffusers(cfg["model"]["autoencoder"])
     params = checkpoint.load_params(autoencoder_workdir)
 

@@ -9,12 +9,12 @@ the diffusion latents `(z − shift)·scale` zero-mean with unit variance.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
+from flash_jax.config import read_json
 from flash_jax.eval import judge
 from flash_jax.models import autoencoder
 from flash_jax.train import checkpoint
@@ -25,7 +25,7 @@ def main() -> None:
     parser.add_argument("--workdir", required=True, help="the autoencoder's run directory")
     parser.add_argument("--n", type=int, default=256, help="training images")
     args = parser.parse_args()
-    run = json.loads((Path(args.workdir) / "config.json").read_text())
+    run = read_json(Path(args.workdir) / "config.json")
     config = autoencoder.AutoencoderConfig.from_diffusers(run["model"]["autoencoder"])
     params = checkpoint.load_params(args.workdir)
     images, _ = judge.real_examples("train", args.n, run["data"]["seed"], run["data"]["image_size"])

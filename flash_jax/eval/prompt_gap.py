@@ -12,7 +12,6 @@ long before its samples can be judged (docs/results.md, "Teacher").
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ import ml_collections
 import numpy as np
 
 from flash_jax import diffusion
+from flash_jax.config import read_json
 from flash_jax.methods import denoising
 from flash_jax.t2i import T2I
 
@@ -74,7 +74,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from flash_jax.eval import judge
     from flash_jax.train import checkpoint
 
-    run = ml_collections.ConfigDict(json.loads((Path(args.workdir) / "config.json").read_text()))
+    run = ml_collections.ConfigDict(read_json(Path(args.workdir) / "config.json"))
     model = T2I.from_config(run)
     params = checkpoint.load_params(args.workdir, args.field)
     vae = checkpoint.load_params(run.autoencoder_workdir)

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flash_jax import diffusion, frozen, lora, sampling, t2i
+from flash_jax.config import read_json
 from flash_jax.methods import Method, common
 from flash_jax.t2i import T2I
 from flash_jax.train import checkpoint
@@ -144,7 +144,7 @@ def stage_student(workdir: str | Path, config: ml_collections.ConfigDict) -> Any
     path = Path(workdir) / "config.json"
     if "lora" not in unet or not path.is_file():
         return unet
-    run = ml_collections.ConfigDict(json.loads(path.read_text()))
+    run = ml_collections.ConfigDict(read_json(path))
     stage = run.step_distill
 
     def load_base() -> Any:
@@ -174,7 +174,7 @@ def make(config: ml_collections.ConfigDict) -> Method:
         previous = Path(sdc.previous_workdir)
         run_config = previous / "config.json"
         if run_config.is_file():
-            prev = json.loads(run_config.read_text()).get("step_distill", {})
+            prev = read_json(run_config).get("step_distill", {})
             if prev.get("student_steps") != 2 * sdc.student_steps:
                 raise ValueError(
                     f"step_distill.previous_workdir={str(previous)!r} trained a "
