@@ -92,7 +92,7 @@ def eval_config(assets: Path, student: Path):
             ),
             dict(
                 label="Step distillation",
-                name="sd",
+                name="step_distill",
                 config="configs/shapes/step_distill.py:tiny",
                 workdir=str(student),
                 steps=[1],
@@ -141,7 +141,7 @@ def test_rows_cover_runs_steps_and_the_real_reference(evaluated):
             "teacher_a|2|eval",
             "teacher_b|1|eval",
             "lcm|2|eval",
-            "sd|1|eval",
+            "step_distill|1|eval",
             "add|2|eval",
         ]
     )
@@ -151,7 +151,7 @@ def test_rows_cover_runs_steps_and_the_real_reference(evaluated):
         if key != "real|0|eval":
             assert len(row["fd_judge_per_seed"]) == 2 and row["diversity"] > 0, key
     assert rows["teacher_a|2|eval"]["nfe"] == 4 and rows["lcm|2|eval"]["nfe"] == 2
-    assert rows["sd|1|eval"]["nfe"] == 1 and rows["add|2|eval"]["nfe"] == 2
+    assert rows["step_distill|1|eval"]["nfe"] == 1 and rows["add|2|eval"]["nfe"] == 2
     # Same prompts and noise for every run: identical runs give identical images.
     tiles = {k: np.load(evaluate._tile_path(workdir / "evaluation", k)) for k in rows}
     assert all(t.shape == (4, 16, 16, 3) for t in tiles.values())
@@ -289,28 +289,36 @@ def test_sweep_jobs_load_their_configs_and_chain_step_distillation():
         assert argv[:3] == ["launch/local.sh", job["config"], job["workdir"]]
         assert job["workdir"] == ("R" if job["mode"] == "eval" else f"R/{job['name']}")
     by_name = {job["name"]: (job, argv) for job, argv in jobs}
-    sd4, argv = by_name["sd4_s1"]
-    assert sd4["after"] == ("sd8_s1",)
-    assert "--config.step_distill.previous_workdir=R/sd8_s1" in argv
+    sd4, argv = by_name["step_distill_4_s1"]
+    assert sd4["after"] == ("step_distill_8_s1",)
+    assert "--config.step_distill.previous_workdir=R/step_distill_8_s1" in argv
     evaluation, argv = by_name["evaluate"]
     assert argv[-1] == "--mode=eval" and set(evaluation["after"]) == set(names[:-1])
     eval_runs = {r["name"] for r in comparison.get_config("").runs}
     eval_workdirs = {r["workdir"] for r in comparison.get_config("").runs if r["name"] != "teacher"}
     trained = {job["name"] for job, _ in jobs if job["mode"] == "train"}
     assert eval_workdirs <= trained
-    assert {"if3_no_srl_s0", "lcm_s1", "sd4_s0", "add_s1"} <= eval_runs
+    assert {"if3_no_srl_s0", "lcm_s1", "step_distill_4_s0", "add_s1"} <= eval_runs
 
 
 def test_comparison_only_trains_and_evaluates_the_chosen_runs():
-    points = comparison.get_hyper(load_sweep().Hyper("seeds=2,only=if3+sd"))
-    chain = [f"sd{stage}" for stage in comparison.step_distill.CHAIN]
+    points = comparison.get_hyper(load_sweep().Hyper("seeds=2,only=if3+step_distill"))
+    chain = [f"step_distill_{stage}" for stage in comparison.step_distill.CHAIN]
     assert [p["name"] for p in points] == [
         f"{name}_s{seed}" for seed in (0, 1) for name in ["if3", *chain]
     ] + ["evaluate"]
-    assert points[-1]["config"].endswith(":seeds=2,assets=assets/shapes,only=if3+sd")
-    runs = [r["name"] for r in comparison.get_config("seeds=2,only=if3+sd").runs]
+    assert points[-1]["config"].endswith(":seeds=2,assets=assets/shapes,only=if3+step_distill")
+    runs = [r["name"] for r in comparison.get_config("seeds=2,only=if3+step_distill").runs]
     assert runs == [
-        *("teacher", "if3_s0", "if3_nc_off_s0", "sd4_s0", "if3_s1", "if3_nc_off_s1", "sd4_s1")
+        *(
+            "teacher",
+            "if3_s0",
+            "if3_nc_off_s0",
+            "step_distill_4_s0",
+            "if3_s1",
+            "if3_nc_off_s1",
+            "step_distill_4_s1",
+        )
     ]
     with pytest.raises(ValueError, match=r"only= names \['if9'\]"):
         comparison.get_config("only=if3+if9")
@@ -325,8 +333,10 @@ def test_sweep_dry_run_of_the_comparison_with_slurm_dependencies():
     lines = [shlex.split(line) for line in result.stdout.splitlines()]
     n = len(comparison.RUNS) + len(comparison.step_distill.CHAIN) + 1  # one seed, + evaluation
     assert f"# {n} jobs (slurm)" in result.stderr and len(lines) == n
-    sd8 = next(line for line in lines if "--job-name=flash-jax-sd8_s0" in line)
-    assert sd8[2] == "--dependency=afterok:sd16_s0" and sd8[5] == "runs/c/sd8_s0"
+    sd8 = next(line for line in lines if "--job-name=flash-jax-step_distill_8_s0" in line)
+    assert (
+        sd8[2] == "--dependency=afterok:step_distill_16_s0" and sd8[5] == "runs/c/step_distill_8_s0"
+    )
     assert lines[-1][-3:] == ["configs/shapes/comparison.py:seeds=1,assets=assets/shapes",
                               "runs/c", "--mode=eval"]  # fmt: skip
     with pytest.raises(ValueError, match="not earlier jobs"):

@@ -8,7 +8,7 @@ Two functions over ONE list of runs (`RUNS` + the step-distillation chain), with
 argument `arg`: comma-separated "tiny" (tiny models, 2 updates: a smoke run of the whole sweep),
 "seeds=N" (training seeds per method, default 5), "assets=DIR" (the frozen teacher.msgpack,
 autoencoder.msgpack and judge.msgpack; default assets/shapes, the shipped trained testbed models;
-tiny runs need tiny ones), "only=NAME+NAME" (just these runs of RUNS, "sd" for the step
+tiny runs need tiny ones), "only=NAME+NAME" (just these runs of RUNS, "step_distill" for the step
 distillation chain; the teacher is always evaluated). The evaluation keeps the rows already in its
 results.json, so `only=` runs add seeds or rows to the same tables.
 
@@ -65,7 +65,8 @@ RUNS = (
 REFERENCE_LABEL = "Imagine Flash"  # at 3 steps: the row the paired intervals are against
 NC_OFF_LABEL = "IF, sampled w/o noise correction"
 STEP_DISTILL = "configs/shapes/step_distill.py"
-NAMES = (*(name for _, name, _, _ in RUNS), "sd")  # what `only=` picks from; "sd": the chain
+STEP_DISTILL_NAME = "step_distill"  # `only=` name of the chain; its runs: step_distill_<stage>_s<k>
+NAMES = (*(name for _, name, _, _ in RUNS), STEP_DISTILL_NAME)  # what `only=` picks from
 TEACHER_STEPS = (25, 3)
 
 
@@ -130,13 +131,13 @@ def evaluated_runs(arg: str = "") -> list[dict]:
                         overrides={"sample.noise_correction": False},
                     )
                 )
-        if "sd" not in a["only"]:
+        if STEP_DISTILL_NAME not in a["only"]:
             continue
         last = step_distill.CHAIN[-1]
         out.append(
             dict(
                 label="Step distillation",
-                name=f"sd{last}_s{seed}",
+                name=f"{STEP_DISTILL_NAME}_{last}_s{seed}",
                 config=_with_tiny(f"{STEP_DISTILL}:{last}", tiny),
                 steps=(int(last),),
                 seed=seed,
@@ -159,9 +160,9 @@ def get_hyper(h) -> list[dict]:
         for _, name, config, _ in _chosen(a):
             jobs.append(dict(name=f"{name}_s{seed}", config=_with_tiny(config, tiny), **seeded))
         previous = None
-        for stage in step_distill.CHAIN if "sd" in a["only"] else ():
+        for stage in step_distill.CHAIN if STEP_DISTILL_NAME in a["only"] else ():
             job = dict(
-                name=f"sd{stage}_s{seed}",
+                name=f"{STEP_DISTILL_NAME}_{stage}_s{seed}",
                 config=_with_tiny(f"{STEP_DISTILL}:{stage}", tiny),
                 **seeded,
             )
