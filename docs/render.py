@@ -21,8 +21,8 @@ markers is what the renderer writes:
 
 Expressions allow names, constants, `x[key]`, `x.key` (a dict key), + - * / **, unary minus, lists
 and the functions in FUNCTIONS: mean, sd (n - 1), median, min, max over arguments, a list, or
-`(rows, "key")`; `match(dict, glob)`, the values whose keys match; `labelled(rows, "A", ...)`, the
-rows of a list whose "label" is one of those; `side(lo, hi, bar)`, "below",
+`(rows, "key")`; `match(dict, glob)`, the values whose keys match; `pick(rows, "key", "A", ...)`, the
+rows of a list whose key is one of those values (`pick(...)[0]`: one row, not a position); `side(lo, hi, bar)`, "below",
 "above" or "not resolved" for a measured range against a bar. A table renders one row per
 entry of a JSON dict (the key is the row label) or list:
 
@@ -73,12 +73,12 @@ def _reducer(f: Callable[[list], Any]) -> Callable[..., Any]:
     return lambda *args: f(_values(args))
 
 
-def _labelled(rows: list, *labels: str) -> list:
-    """The rows (in their order) whose "label" is one of `labels`; a label no row has is an error."""
-    missing = set(labels) - {row.get("label") for row in rows}
+def _pick(rows: list, key: str, *values: Any) -> list:
+    """The rows (in their order) whose `key` is one of `values`; a value no row has is an error."""
+    missing = [v for v in values if v not in {row.get(key) for row in rows}]
     if missing:
-        raise RenderError(f"no row labelled {sorted(missing)}")
-    return [row for row in rows if row.get("label") in labels]
+        raise RenderError(f"no row with {key} {missing}")
+    return [row for row in rows if row.get(key) in values]
 
 
 def _pm(values: list, spec: str) -> str:
@@ -95,8 +95,8 @@ FUNCTIONS: dict[str, Callable[..., Any]] = {
     "max": _reducer(max),
     # the values of a dict whose keys match a glob, in key order: match(rows, "if3_s?|3|eval")
     "match": lambda d, pattern: [v for k, v in d.items() if fnmatch.fnmatchcase(k, pattern)],
-    # the rows of a list whose "label" is one of the names: labelled(cmp.compared.eval, "A", "B")
-    "labelled": _labelled,
+    # the rows of a list whose key is one of the values: pick(cmp.compared.eval, "label", "A", "B")
+    "pick": _pick,
     "abs": abs,
     "sqrt": math.sqrt,
     "len": len,

@@ -206,16 +206,16 @@ def test_a_claim_against_a_bar_holds_only_when_the_whole_range_is_on_one_side(lo
     assert render.evaluate(f"side({lo}, {hi}, 1.0)", {}) == verdict
 
 
-def test_table_of_labelled_rows_keeps_their_order_and_names_a_missing_label(tmp_path):
+def test_table_of_picked_rows_keeps_their_order_and_names_a_missing_value(tmp_path):
     rows = [{"label": "T", "v": 0}, {"label": "A", "v": 1}, {"label": "B", "v": 2}]
     (tmp_path / "r.json").write_text(json.dumps({"rows": rows}))
 
     def doc(*labels: str) -> str:
         chosen = ", ".join(f'"{label}"' for label in labels)
-        spec = f"rows: labelled(r.rows, {chosen})\nlabel: m = label\ncol: v = {{d v}}\n"
+        spec = f'rows: pick(r.rows, "label", {chosen})\nlabel: m = label\ncol: v = {{d v}}\n'
         return f"<!-- artifacts\nr: r.json\n-->\n<!-- table\n{spec}-->\n<!-- /table -->\n"
 
     text, _ = render.render(doc("B", "T"), tmp_path, "t.md")
     assert "| m | v |\n|---|---|\n| T | 0 |\n| B | 2 |\n" in text
-    with pytest.raises(render.RenderError, match=r"no row labelled \['C'\]"):
+    with pytest.raises(render.RenderError, match=r"no row with label \['C'\]"):
         render.render(doc("B", "C"), tmp_path, "t.md")
