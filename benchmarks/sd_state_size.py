@@ -2,6 +2,7 @@
 and XLA's per-device memory analysis of the compiled SD1.5 Imagine Flash step on its default mesh.
 
   python -m benchmarks.sd_state_size [--out benchmarks/results/sd_state_size.json]
+      [--lora_ranks 4,16,64]
   python -m benchmarks.sd_state_size --memory [--devices=8] [--variant ""]
       [--memory_out benchmarks/results/sd15_step_memory.json]
   python -m benchmarks.sd_state_size --memory --presets [--models sd15,sdxl]
@@ -12,7 +13,10 @@ and XLA's per-device memory analysis of the compiled SD1.5 Imagine Flash step on
 Counts come from abstract initialisation (`jax.eval_shape`) of the configs' model dicts. Bytes:
 the trained student UNet keeps float32 parameters, two Adam moments and an EMA copy (16 B/param);
 the frozen teacher UNet, text encoder(s) and VAE are held as loaded (float32, 4 B/param). The
-per-device column divides everything by 8 (fsdp=8: state and frozen models fully sharded).
+per-device column divides everything by 8 (fsdp=8: state and frozen models fully sharded). A LoRA
+student (flash_jax/lora.py, default targets: attention and feed-forward) trains only its factors:
+"lora_r<R>" is their count at rank R (16 B each in the state), for the SD models and the testbed's
+UNet ("shapes", configs/shapes/imagine_flash.py).
 Activations and the discriminator heads come on top. Prints a markdown table and writes JSON.
 
 --memory: the fused training step of configs/sd/sd15_imagine_flash.py (state donated, frozen
@@ -53,7 +57,8 @@ import numpy as np
 
 from configs.sd import common as sd_common
 from configs.sd import sd15_imagine_flash, sd21_imagine_flash, sdxl_imagine_flash
-from flash_jax import methods, parallel
+from configs.shapes import imagine_flash as shapes_imagine_flash
+from flash_jax import lora, methods, parallel
 from flash_jax.data import cache
 from flash_jax.models import autoencoder, text, unet
 from flash_jax.t2i import T2I
@@ -81,6 +86,19 @@ def parameter_counts(config) -> dict[str, int]:
             out["text"] += count(jax.eval_shape(init))
     vae_cfg = autoencoder.AutoencoderConfig.from_diffusers(config.model.autoencoder.to_dict())
     out["autoencoder"] = count(jax.eval_shape(lambda: autoencoder.init_params(vae_cfg, key)))
+    return out
+
+
+def lora_counts(config, ranks: list[int]) -> dict[str, int]:
+    """`{"lora_r<R>": trainable factor count}` of a LoRA student of `config`'s UNet (default
+    targets), per rank."""
+    unet_cfg = unet.UNetConfig.from_diffusers(config.model.unet.to_dict())
+    base = jax.eval_shape(lambda: unet.init_params(unet_cfg, jax.random.key(0), sample_size=8))
+    out = {}
+    for rank in ranks:
+        cfg = lora.LoRAConfig(rank=rank, alpha=float(rank), targets=lora.DEFAULTS["targets"])
+        factors = jax.eval_shape(lambda c=cfg: lora.init_factors(base, c, jax.random.key(0)))
+        out[f"lora_r{rank}"] = count(factors)
     return out
 
 
@@ -288,6 +306,7 @@ def main() -> None:
     parser.add_argument("--machines", default=",".join(sd_common.HBM_GIB), help="of --presets")
     parser.add_argument("--lora", type=int, default=0, help="--presets of a LoRA student, rank")
     parser.add_argument("--presets_out", default="")
+    parser.add_argument("--lora_ranks", default="4,16,64", help="LoRA factor counts at these ranks")
     args = parser.parse_args()
     if args.memory and args.presets:
         default = "sd_preset_memory_lora.json" if args.lora else "sd_preset_memory.json"
@@ -297,19 +316,27 @@ def main() -> None:
     if args.memory:
         memory(args.variant, Path(args.memory_out))
         return
+    ranks = [int(r) for r in args.lora_ranks.split(",")]
     rows = {}
+    lora_cols = "".join(f" LoRA r{r} |" for r in ranks)
     print("| config | UNet | text encoder(s) | VAE | trained state | frozen models | total "
-          "| per device, fsdp=8 |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|")
-    for name, module in CONFIGS.items():
-        n = parameter_counts(module.get_config())
+          f"| per device, fsdp=8 |{lora_cols}")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|" + "---|" * len(ranks))
+    for name, module in {**CONFIGS, "shapes": shapes_imagine_flash}.items():
+        config = module.get_config()
+        n = parameter_counts(config)
+        n.update(lora_counts(config, ranks))
         trained = 16 * n["unet"] / 1e9
         frozen = 4 * (n["unet"] + n["text"] + n["autoencoder"]) / 1e9
         rows[name] = {**n, "trained_gb": trained, "frozen_gb": frozen}
+        factors = "".join(
+            f" {n[f'lora_r{r}'] / 1e6:.2f} M ({100 * n[f'lora_r{r}'] / n['unet']:.1f} %) |"
+            for r in ranks
+        )
         print(
             f"| {name} | {n['unet'] / 1e6:.1f} M | {n['text'] / 1e6:.1f} M | "
             f"{n['autoencoder'] / 1e6:.1f} M | {trained:.1f} GB | {frozen:.1f} GB | "
-            f"{trained + frozen:.1f} GB | {(trained + frozen) / 8:.1f} GB |"
+            f"{trained + frozen:.1f} GB | {(trained + frozen) / 8:.1f} GB |{factors}"
         )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
