@@ -5,13 +5,16 @@ backward distillation's, scored like generated images.
   python -m benchmarks.srl_targets --student runs/comparison/if3_s0  # a trained student
   python -m benchmarks.srl_targets --config configs/shapes/imagine_flash.py:3,srl_fresh  # ε' fresh
   python -m benchmarks.srl_targets --set imagine_flash.gamma_a=0.9   # another γ
+  python -m benchmarks.srl_targets --draws 1                        # one ε' draw, not the mean
 
 For each student timestep t of the N-step student (`--config`, default the 3-step testbed
 config on the shipped 8x8 teacher), on `--num-images` eval prompts with fixed noise:
   x_t       the student's own rollout from x_T to t (as in training, noise correction per config)
   student   x̂0^Θ(x_t, t), the student's estimate (what the loss moves)
   SRL       the teacher's k-step CFG solve from α_{t_Φ}·x̂0^Θ + σ_{t_Φ}·ε' at t_Φ = γ(t), ε' as
-            `imagine_flash.srl_noise` says (the student's own ε̂, or fresh noise)
+            `imagine_flash.srl_noise` says (the student's own ε̂, the initial noise x_T, or fresh
+            noise); with fresh noise the mean over `--draws` draws of ε' (the latent an L2 loss
+            regresses to), not one draw
   plain     the teacher's k-step CFG solve from x_t at t (the `no_srl` ablation's target)
 each decoded and scored with the shipped judge (FD-judge, mean alignment, chroma). A target
 worse than the student's own estimate pulls the student down. Writes srl_targets.json to $OUT if
@@ -51,6 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--student", default="", help="a student run (workdir); default: the teacher")
     p.add_argument("--num-images", type=int, default=300)
     p.add_argument("--seed", type=int, default=0, help="noise seed of x_T and the re-noising")
+    p.add_argument("--draws", type=int, default=16, help="fresh-noise ε' draws averaged (SRL)")
     p.add_argument("--out", default=str(common.RESULTS / "srl_targets"))
     return p.parse_args(argv)
 
@@ -78,6 +82,9 @@ def main(argv: list[str] | None = None) -> None:
         model.schedule, (n,), ifc.rollout_noise_correction
     )
     plain = dataclasses.replace(ifc, srl=False)
+    if args.draws < 1:
+        raise ValueError(f"--draws={args.draws} must be >= 1")
+    draws = args.draws if ifc.srl_noise == "fresh" else 1  # the other ε' are deterministic
 
     @jax.jit
     def images(student, teacher, tokens, x_T, i, rng):
@@ -93,9 +100,14 @@ def main(argv: list[str] | None = None) -> None:
             model, student, x_T, plans, which, depth, context, ifc.rollout_noise_correction
         )
         x0 = method_common.predict_x0(model, model.apply_unet, student, x_t, t, context)[0]
-        srl, t_phi = imagine_flash.srl_target(
-            model, ifc, teacher["unet"], x0, x_t, t, context, uncond, rng
-        )
+
+        def target(key):
+            return imagine_flash.srl_target(
+                model, ifc, teacher["unet"], x0, x_t, t, context, uncond, key, x_T=x_T
+            )
+
+        srl, t_phi = jax.vmap(target)(jax.random.split(rng, draws))
+        srl, t_phi = srl.mean(axis=0), t_phi[0]  # the L2 optimum: the mean over ε'
         no_srl, _ = imagine_flash.srl_target(
             model, plain, teacher["unet"], x0, x_t, t, context, uncond, rng
         )
@@ -128,6 +140,7 @@ def main(argv: list[str] | None = None) -> None:
         "overrides": args.set,
         "student": args.student or "the teacher (step 0)",
         "num_images": args.num_images,
+        "srl_draws": draws,
         "t_phi": t_phi,
         "rows": rows,
     }
