@@ -57,3 +57,11 @@ def tiny_assets(tmp_path_factory):
         (directory / f"{name}.msgpack").write_bytes(data)
     (directory / "judge.json").write_text(f'{{"image_size": {config.data.image_size}}}')
     return directory
+
+
+@pytest.fixture
+def modules_cache(tmp_path, monkeypatch):
+    """diffusers copies trusted remote code to HF_MODULES_CACHE: a temporary one here."""
+    from diffusers.utils import dynamic_modules_utils
+
+    monkeypatch.setattr(dynamic_modules_utils, "HF_MODULES_CACHE", str(tmp_path / "modules"))

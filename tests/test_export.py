@@ -79,14 +79,6 @@ def trained(request, tmp_path_factory):
     return kind, config, root / "run"
 
 
-@pytest.fixture
-def modules_cache(tmp_path, monkeypatch):
-    """diffusers copies trusted remote code to HF_MODULES_CACHE: a temporary one here."""
-    from diffusers.utils import dynamic_modules_utils
-
-    monkeypatch.setattr(dynamic_modules_utils, "HF_MODULES_CACHE", str(tmp_path / "modules"))
-
-
 def student_sampler(config, workdir, x_T):
     """`(num_steps, noise_correction) -> final latents` of the run's own sampler (`config.sample`
     at those settings) from `x_T` for `PROMPTS`, with its EMA UNet and the teacher's text."""
@@ -103,6 +95,21 @@ def student_sampler(config, workdir, x_T):
         )
 
     return latents
+
+
+def pipeline_latents(pipe, x_T, num_steps: int) -> np.ndarray:
+    """Final latents `(B, h, w, c)` of a diffusers pipeline for PROMPTS from `x_T` (NHWC), no CFG."""
+    with torch.no_grad():
+        out = pipe(
+            PROMPTS,
+            num_inference_steps=num_steps,
+            guidance_scale=1.0,
+            height=tiny_sd.IMAGE_SIZE,
+            width=tiny_sd.IMAGE_SIZE,
+            latents=torch.tensor(np.asarray(x_T)).permute(0, 3, 1, 2),
+            output_type="latent",
+        ).images
+    return out.permute(0, 2, 3, 1).numpy()
 
 
 @pytest.mark.slow  # trains (compiles) two tiny students: the module takes 1.5-5 min on 2 cores
@@ -135,18 +142,9 @@ def test_diffusers_pipeline_reproduces_the_student(trained, tmp_path, modules_ca
             pipe.scheduler = type(pipe.scheduler).from_config(
                 pipe.scheduler.config, noise_correction=nc
             )
-            with torch.no_grad():
-                ref = pipe(
-                    PROMPTS,
-                    num_inference_steps=num_steps,
-                    guidance_scale=1.0,
-                    height=tiny_sd.IMAGE_SIZE,
-                    width=tiny_sd.IMAGE_SIZE,
-                    latents=torch.tensor(np.asarray(x_T)).permute(0, 3, 1, 2),
-                    output_type="latent",
-                ).images
             ours = student(num_steps, nc)
-            np.testing.assert_allclose(ref.permute(0, 2, 3, 1).numpy(), ours, rtol=0, atol=1e-4)
+            ref = pipeline_latents(pipe, x_T, num_steps)
+            np.testing.assert_allclose(ref, ours, rtol=0, atol=1e-4)
             results[num_steps, nc] = ours
     # Noise correction is exercised: it changes 3 steps (not 1: the last step has σ_next = 0).
     np.testing.assert_array_equal(results[1, False], results[1, True])

@@ -17,9 +17,9 @@ from flash_jax import export, lora, sampling
 from flash_jax.t2i import T2I
 from flash_jax.train import checkpoint, loop
 from tests import tiny_sd
-from tests.test_export import PROMPTS, student_config, write_teacher
+from tests.test_export import PROMPTS, pipeline_latents, student_config, write_teacher
 
-torch = pytest.importorskip("torch")
+pytest.importorskip("torch")  # diffusers runs on it
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("peft")  # diffusers' load_lora_weights needs it
 
@@ -44,14 +44,6 @@ def trained(request, tmp_path_factory):
     return kind, config, root / "run"
 
 
-@pytest.fixture
-def modules_cache(tmp_path, monkeypatch):
-    """diffusers copies trusted remote code to HF_MODULES_CACHE: a temporary one here."""
-    from diffusers.utils import dynamic_modules_utils
-
-    monkeypatch.setattr(dynamic_modules_utils, "HF_MODULES_CACHE", str(tmp_path / "modules"))
-
-
 def flash_latents(config, unet, x_T):
     """Final latents of the run's sampler (`config.sample`, NUM_STEPS) with UNet params `unet`."""
     model = T2I.from_config(config)
@@ -73,17 +65,7 @@ def diffusers_latents(kind, folder, x_T, load_lora):
     if load_lora:
         pipe.load_lora_weights(folder)
     pipe.set_progress_bar_config(disable=True)
-    with torch.no_grad():
-        out = pipe(
-            PROMPTS,
-            num_inference_steps=NUM_STEPS,
-            guidance_scale=1.0,
-            height=tiny_sd.IMAGE_SIZE,
-            width=tiny_sd.IMAGE_SIZE,
-            latents=torch.tensor(np.asarray(x_T)).permute(0, 3, 1, 2),
-            output_type="latent",
-        ).images
-    return out.permute(0, 2, 3, 1).numpy()
+    return pipeline_latents(pipe, x_T, NUM_STEPS)
 
 
 @pytest.mark.slow  # trains (compiles) two tiny LoRA students: ~2-5 min on 2 cores
